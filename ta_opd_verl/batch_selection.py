@@ -1,0 +1,94 @@
+"""Batch-level selection on the driver: the whole rollout batch's D, C, H in, the training mask and the
+step's metrics out. Torch only (no verl), so the rule is testable without Ray."""
+
+from __future__ import annotations
+
+import torch
+
+from ta_opd_verl.teachability import TokenStatistics, batch_normalize, masked_quantiles, select_positions
+
+METRIC_PREFIX = "actor/ta_opd/"
+
+
+def step_generator(seed: int, global_step: int) -> torch.Generator:
+    """Seeded per step, so a resumed run draws the same random scores at the same step."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + global_step)
+
+
+def stable_sample_order(sample_ids: list[str]) -> list[int]:
+    """Row indices sorted by the samples' stable ids (verl's TransferQueue keys `uid_session_index`), so the
+    tie rule "lower sample index first" does not depend on batch balancing's reordering."""
+    return sorted(range(len(sample_ids)), key=lambda row: sample_ids[row])
+
+
+def select_rollout_batch(
+    stats: TokenStatistics,
+    valid: torch.Tensor,
+    sample_ids: list[str],
+    *,
+    selector: str,
+    ratio: float,
+    min_keep_per_sample: int,
+    q_low: float,
+    q_high: float,
+    seed: int,
+    global_step: int,
+    sampled_kl: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The bool ``[B, T]`` selection over the whole batch (rows in the caller's order) and its metrics.
+    ``sampled_kl`` (optional, ``[B, T]``): the sampled-token k1 estimate, reported on selected vs unselected."""
+    order = torch.tensor(stable_sample_order(sample_ids), dtype=torch.long)
+    ordered = TokenStatistics(*(field[order] for field in stats))
+    mask_ordered = select_positions(
+        selector,
+        ordered,
+        valid[order],
+        ratio,
+        min_keep_per_sample=min_keep_per_sample,
+        generator=step_generator(seed, global_step),
+        q_low=q_low,
+        q_high=q_high,
+    )
+    mask = torch.empty_like(mask_ordered)
+    mask[order] = mask_ordered
+    return mask, selection_metrics(stats, valid, mask, q_low=q_low, q_high=q_high, sampled_kl=sampled_kl)
+
+
+def selection_metrics(
+    stats: TokenStatistics,
+    valid: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    q_low: float,
+    q_high: float,
+    sampled_kl: torch.Tensor | None = None,
+) -> dict[str, float]:
+    valid = valid.bool()
+    selected = mask.bool() & valid
+    unselected = valid & ~selected
+    n_valid = int(valid.sum())
+    metrics = {
+        "kept_fraction": float(selected.sum()) / max(n_valid, 1),
+        "kept_positions": float(selected.sum()),
+        "valid_positions": float(n_valid),
+    }
+    teachability = batch_normalize(stats.disagreement, valid, q_low, q_high) * batch_normalize(
+        stats.compatibility, valid, q_low, q_high
+    )
+    named = {
+        "disagreement": stats.disagreement,
+        "compatibility": stats.compatibility,
+        "entropy": stats.entropy,
+        "teachability": teachability,
+    }
+    if sampled_kl is not None:
+        named["sampled_kl"] = sampled_kl
+    for name, values in named.items():
+        for subset_name, subset in (("selected", selected), ("unselected", unselected)):
+            count = int(subset.sum())
+            metrics[f"{name}_{subset_name}_mean"] = float(values[subset].mean()) if count else 0.0
+    if n_valid:
+        for name in ("disagreement", "compatibility", "teachability"):
+            q05, q50, q95 = masked_quantiles(named[name], valid, (0.05, 0.5, 0.95))
+            metrics[f"{name}_q05"], metrics[f"{name}_q50"], metrics[f"{name}_q95"] = q05, q50, q95
+    return {METRIC_PREFIX + key: value for key, value in metrics.items()}

@@ -1,0 +1,116 @@
+"""Checks that stop a bad TA-OPD run before training, with a message that names the key.
+
+They run twice: in the driver before Ray starts, through a Hydra callback that our configs declare
+(``hydra.callbacks.ta_opd_preflight``, Hydra's ``Callback.on_job_start`` runs before verl's ``main``), and
+again in TA-OPD's trainer (for runs that compose their own config without the callback).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+SUPPORTED_STRATEGIES = ("fsdp", "fsdp2")
+LOSS_MODE_KEY = "distillation.distillation_loss.loss_mode"
+
+
+class TAOPDConfigError(ValueError):
+    """A TA-OPD run's configuration is invalid; the message names the key and what is accepted."""
+
+
+def _select(config: DictConfig, key: str, default=None):
+    return OmegaConf.select(config, key, default=default)
+
+
+def check_ta_opd_config(config: DictConfig) -> None:
+    """Validate the composed verl config of a TA-OPD run. Raises :class:`TAOPDConfigError`."""
+    from ta_opd_verl.verl_plugin import require_plugin
+
+    require_plugin()
+    if not _select(config, "distillation.enabled", False):
+        raise TAOPDConfigError("TA-OPD needs distillation.enabled=true (it distils from the teacher servers)")
+    loss_mode = _select(config, LOSS_MODE_KEY)
+    if loss_mode != "ta_opd":
+        raise TAOPDConfigError(f"{LOSS_MODE_KEY}={loss_mode!r}: TA-OPD's trainer needs loss_mode=ta_opd")
+    strategy = _select(config, "actor_rollout_ref.actor.strategy")
+    if strategy not in SUPPORTED_STRATEGIES:
+        raise TAOPDConfigError(
+            f"actor_rollout_ref.actor.strategy={strategy!r} is not supported by TA-OPD; accepted: "
+            f"{', '.join(SUPPORTED_STRATEGIES)} (Megatron shards logits by vocabulary: not implemented)"
+        )
+    if _select(config, "algorithm.rollout_correction.bypass_mode", False):
+        raise TAOPDConfigError(
+            "algorithm.rollout_correction.bypass_mode=True skips the old-log-prob forward in which TA-OPD "
+            "scores every position; set it to False"
+        )
+    if _select(config, "actor_rollout_ref.actor.use_fused_kernels", False) or _select(
+        config, "actor_rollout_ref.model.use_fused_kernels", False
+    ):
+        raise TAOPDConfigError(
+            "actor_rollout_ref.model.use_fused_kernels=True never materialises the logits TA-OPD scores; "
+            "set it to False"
+        )
+    for name, teacher in (_select(config, "distillation.teacher_models", {}) or {}).items():
+        engine = OmegaConf.select(teacher, "inference.name")
+        if engine != "vllm":
+            raise TAOPDConfigError(
+                f"distillation.teacher_models.{name}.inference.name={engine!r}: TA-OPD's teacher server keeps "
+                "the sampled token's log-prob for vLLM teachers only; accepted: vllm"
+            )
+    _build_loss_config(config)
+
+
+def _build_loss_config(config: DictConfig):
+    """Instantiate the distillation-loss dataclass as verl's workers will (its ``__post_init__`` checks the
+    ``ta_opd`` block: ratio, k <= topk, names)."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from ta_opd_verl.config import TAOPDDistillationLossConfig
+
+    loss_config = omega_conf_to_dataclass(config.distillation.distillation_loss)
+    if not isinstance(loss_config, TAOPDDistillationLossConfig):
+        raise TAOPDConfigError(
+            "distillation.distillation_loss._target_ must be ta_opd_verl.config.TAOPDDistillationLossConfig "
+            f"(got {type(loss_config).__name__}); conf/ta_opd_trainer.yaml sets it"
+        )
+    if loss_config.ta_opd.compatibility == "exact":
+        raise TAOPDConfigError(
+            "distillation.distillation_loss.ta_opd.compatibility=exact needs the teacher's log-probs at the "
+            "student's top-K ids, which verl's teacher servers cannot return; accepted with server teachers: "
+            "lower_bound"
+        )
+    return loss_config
+
+
+def check_model_paths(config: DictConfig) -> None:
+    """Student and teacher folders exist, share a vocabulary, and (on CPU) have a head size vLLM accepts."""
+    from ta_opd_verl.vocab import check_same_vocabulary
+
+    student = _select(config, "actor_rollout_ref.model.path")
+    paths = {"actor_rollout_ref.model.path": student}
+    for name, teacher in (_select(config, "distillation.teacher_models", {}) or {}).items():
+        paths[f"distillation.teacher_models.{name}.model_path"] = OmegaConf.select(teacher, "model_path")
+    for key, path in paths.items():
+        if path is None or not Path(str(path)).is_dir():
+            raise TAOPDConfigError(f"{key}={path!r} is not a model folder (a Hugging Face folder is accepted)")
+        if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":
+            from ta_opd_verl.tiny.vllm_cpu import check_vllm_cpu_head_size
+
+            check_vllm_cpu_head_size(path)
+    for key, path in paths.items():
+        if key != "actor_rollout_ref.model.path":
+            check_same_vocabulary(student, path)
+
+
+class PreflightCallback(Callback):
+    """Hydra callback: validates a TA-OPD (or CPU OPD) config in the driver, before verl starts Ray."""
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+        if _select(task_config, "distillation.enabled", False):
+            check_model_paths(task_config)
+        if _select(task_config, "trainer.v1.trainer_mode") == "ta_opd":
+            check_ta_opd_config(task_config)

@@ -1,0 +1,193 @@
+"""`ta-opd train`: run verl's real trainer (``python -m verl.trainer.main_ppo``) with one of our configs.
+
+On a CPU machine (``--cpu``, the default when no CUDA device is visible) it sets the CPU runtime's
+environment, builds (or reuses) the tiny teacher/student pair, points the config at it, and streams a short
+progress line per step (step, ETA, validation accuracy) while verl's full log goes to a file. Everything
+after ``--`` is passed to verl as Hydra overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ta_opd_verl.cpu import CPU_ENVIRONMENT
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "verl.log"
+VAL_ACCURACY_PREFIX = "val-core/"
+
+
+def config_dir() -> str:
+    """The folder of our Hydra configs: the clone's conf/, or the installed package's copy of it."""
+    if (CONF_DIR / "ta_opd_trainer.yaml").exists():
+        return str(CONF_DIR)
+    import ta_opd_verl.conf as installed_conf
+
+    return str(Path(installed_conf.__file__).parent)
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    out_dir: Path
+    wall_seconds: float
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / METRICS_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / LOG_FILE
+
+    def metrics(self) -> list[dict]:
+        """verl's file logger: one JSON object per step, ``{"step": n, "data": {...}}``."""
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+
+def tiny_pair_overrides(pair) -> list[str]:
+    return [
+        f"actor_rollout_ref.model.path={pair.student}",
+        f"distillation.teacher_models.teacher_model.model_path={pair.teacher}",
+        f"data.train_files={pair.train_parquet}",
+        f"data.val_files={pair.val_parquet}",
+    ]
+
+
+def cpu_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CPU_ENVIRONMENT)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("WANDB_MODE", "disabled")
+    env.setdefault("HYDRA_FULL_ERROR", "1")
+    env.setdefault("RAY_DEDUP_LOGS", "1")
+    return env
+
+
+def _val_accuracy(data: dict) -> float | None:
+    for key, value in data.items():
+        if key.startswith(VAL_ACCURACY_PREFIX) and "/acc/" in key:
+            return float(value)
+    return None
+
+
+def run_verl(
+    config_name: str,
+    overrides: list[str],
+    out_dir: Path,
+    *,
+    cpu: bool = True,
+    timeout: float | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Run ``python -m verl.trainer.main_ppo`` with our config; the file logger writes
+    ``out_dir/metrics.jsonl``, verl's own output goes to ``out_dir/verl.log``."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / METRICS_FILE
+    metrics_path.unlink(missing_ok=True)
+    env = cpu_environment() if cpu else dict(os.environ)
+    env["VERL_FILE_LOGGER_PATH"] = str(metrics_path)
+    command = [
+        sys.executable,
+        "-m",
+        "verl.trainer.main_ppo",
+        "--config-path",
+        config_dir(),
+        "--config-name",
+        config_name,
+        f"trainer.default_local_dir={out_dir / 'checkpoints'}",
+        f"hydra.run.dir={out_dir / 'hydra'}",
+        *overrides,
+    ]
+    started = time.monotonic()
+    with open(out_dir / LOG_FILE, "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out_dir)
+        returncode = _wait_with_progress(process, metrics_path, started, timeout, progress)
+    result = RunResult(returncode, out_dir, time.monotonic() - started)
+    if progress:
+        print(f"[ta-opd] verl exited with {returncode} after {result.wall_seconds:.0f}s; log: {result.log_path}")
+    return result
+
+
+def _total_steps(overrides: list[str]) -> int | None:
+    for override in overrides:
+        match = re.fullmatch(r"\+?trainer\.total_training_steps=(\d+)", override)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _wait_with_progress(process, metrics_path: Path, started: float, timeout, progress: bool) -> int:
+    seen = 0
+    first_step_at = None
+    while True:
+        try:
+            return process.wait(timeout=2.0) if timeout is None else _wait_bounded(process, started, timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        if not progress or not metrics_path.exists():
+            continue
+        lines = metrics_path.read_text().splitlines()
+        for line in lines[seen:]:
+            entry = json.loads(line)
+            step, data = entry.get("step"), entry.get("data", {})
+            elapsed = time.monotonic() - started
+            if step and first_step_at is None:
+                first_step_at = (step, elapsed)
+            accuracy = _val_accuracy(data)
+            parts = [f"[ta-opd] step {step}", f"{elapsed:.0f}s"]
+            if first_step_at and step and step > first_step_at[0]:
+                per_step = (elapsed - first_step_at[1]) / (step - first_step_at[0])
+                parts.append(f"{per_step:.1f}s/step")
+            if "actor/ta_opd/kept_fraction" in data:
+                parts.append(f"kept {data['actor/ta_opd/kept_fraction']:.3f}")
+            if accuracy is not None:
+                parts.append(f"val acc {accuracy:.3f}")
+            print(" | ".join(parts), flush=True)
+        seen = len(lines)
+
+
+def _wait_bounded(process, started: float, timeout: float) -> int:
+    remaining = timeout - (time.monotonic() - started)
+    if remaining <= 0:
+        process.kill()
+        process.wait()
+        raise TimeoutError(f"verl did not finish within {timeout:.0f}s")
+    return process.wait(timeout=min(2.0, remaining))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, overrides = argv[:split], argv[split + 1 :]
+    parser = argparse.ArgumentParser(prog="ta-opd train", description=__doc__)
+    parser.add_argument("--config", default="ta_opd_cpu", help="config name under conf/ (default: ta_opd_cpu)")
+    parser.add_argument("--out", default="outputs/train", help="run folder (metrics.jsonl, verl.log)")
+    parser.add_argument("--steps", type=int, default=None, help="trainer.total_training_steps")
+    parser.add_argument("--gpu", action="store_true", help="do not set the CPU runtime's environment")
+    args = parser.parse_args(argv)
+    cpu = not args.gpu
+    if cpu:
+        from ta_opd_verl.tiny.build import build_tiny_pair
+
+        overrides = tiny_pair_overrides(build_tiny_pair()) + overrides
+    if args.steps is not None:
+        overrides.append(f"trainer.total_training_steps={args.steps}")
+    result = run_verl(args.config, overrides, Path(args.out), cpu=cpu)
+    return result.returncode

@@ -1,0 +1,79 @@
+"""Batched generation and greedy accuracy for the tiny pair (Hugging Face `generate`, CPU)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from ta_opd_verl.tiny.tasks import Problem, is_correct
+from ta_opd_verl.tiny.tokenizer import render_chat
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    batch_size: int = 128,
+) -> list[list[int]]:
+    """Response token ids (EOS included when produced, padding removed) for each prompt.
+
+    The prompt is the chat template with the generation prompt, as verl builds it. Sampling draws from
+    torch's global generator: seed it before calling for reproducible samples.
+    """
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out: list[list[int]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [render_chat(p) for p in prompts[start : start + batch_size]]
+            batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+            kwargs = (
+                {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                if do_sample
+                else {"do_sample": False}
+            )
+            generated = model.generate(
+                **batch, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, **kwargs
+            )
+            for row in generated[:, batch["input_ids"].shape[1] :].tolist():
+                ids: list[int] = []
+                for token in row:
+                    if token == pad_id:
+                        break
+                    ids.append(token)
+                    if token == eos_id:
+                        break
+                out.append(ids)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], *, batch_size: int = 128) -> dict:
+    """Greedy accuracy overall and per task: ``{"accuracy": float, "per_task": {task: float}, "n": int}``.
+
+    Responses are decoded with ``skip_special_tokens=True`` and checked by `tasks.is_correct`, exactly
+    as verl's reward loop does with `ta_opd_verl.reward.compute_score`.
+    """
+    responses = generate_responses(model, tokenizer, [p.prompt for p in problems], batch_size=batch_size)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for problem, ids in zip(problems, responses, strict=True):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        hits[problem.task].append(is_correct(text, problem.answer))
+    flat = [h for task_hits in hits.values() for h in task_hits]
+    return {
+        "accuracy": sum(flat) / max(1, len(flat)),
+        "per_task": {task: sum(h) / len(h) for task, h in sorted(hits.items())},
+        "n": len(flat),
+    }

@@ -1,0 +1,183 @@
+"""TA-OPD's trainer: verl's synchronous v1 trainer with a scoring phase and a global selection.
+
+Per step (verl 0.9.1, ``verl/trainer/ppo/v1/trainer_base.py``):
+1. ``_compute_old_log_prob`` runs verl's one full forward over the batch with the logits processor on
+   (``distillation_use_topk``) and ``ta_opd_phase=score``: the actor returns log-probs, entropy and our per-
+   token D and C, which verl's collect writes to TransferQueue.
+2. ``_update_actor`` reads D, C, H and the masks of the whole batch, drops the padding rows that
+   ``_balance_batch`` added (``is_padding`` tags), normalises and selects over ALL valid positions (Eq. 11,
+   13), writes the selection into the ``loss_mask`` field and runs verl's actor update with
+   ``ta_opd_phase=train``; the loss (``ta_opd_verl.loss``) is the OPD loss on the selected positions.
+
+Registered as ``trainer.v1.trainer_mode=ta_opd``. verl compares ``trainer_mode == "sync"`` literally in
+several places (replay buffer, parameter sync); this class behaves as the sync trainer in all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import transfer_queue as tq
+from tensordict import TensorDict
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.config import omega_conf_to_dataclass
+from verl.utils.metric import reduce_metrics
+from verl.utils.py_functional import rename_dict
+from verl.workers.utils.padding import response_from_nested, response_to_nested
+
+from ta_opd_verl.batch_selection import select_rollout_batch
+from ta_opd_verl.checks import check_ta_opd_config
+from ta_opd_verl.loss import (
+    COMPATIBILITY_FIELD,
+    DISAGREEMENT_FIELD,
+    PHASE_KEY,
+    SCORE_PHASE,
+    TRAIN_PHASE,
+    TAOPDLossFunction,
+    split_teacher_entries,
+)
+from ta_opd_verl.teachability import TokenStatistics
+from ta_opd_verl.teacher_server import install_teacher_server
+
+logger = logging.getLogger("ta_opd_verl")
+
+TRAINER_MODE = "ta_opd"
+
+
+def _padded(nested: torch.Tensor, fill) -> torch.Tensor:
+    return nested.to_padded_tensor(fill) if nested.is_nested else nested
+
+
+@register_trainer(TRAINER_MODE)
+class TAOPDTrainer(PPOTrainerSync):
+    def __init__(self, config):
+        check_ta_opd_config(config)
+        super().__init__(config)
+        # verl keys sync-only behaviour on the literal mode string: behave as "sync" everywhere.
+        self.trainer_mode = "sync"
+        self.parameter_sync_step = 1
+        self.replay_buffer = self._build_replay_buffer()
+        install_teacher_server()
+
+    def _setup(self):
+        super()._setup()
+        actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
+        self.ta_opd = self.distillation_config.distillation_loss.ta_opd
+        self.actor_rollout_wg.set_loss_fn(TAOPDLossFunction(actor_config, self.distillation_config))
+
+    # ---- 1. scoring inside the old-log-prob forward --------------------------------------------------
+    def _compute_old_log_prob(self, batch, metrics):
+        batch.extra_info.update(
+            {
+                "calculate_entropy": True,
+                # compute_loss=True hands our loss callable to the forward, which runs it as the logits
+                # processor; in the scoring phase its loss value is 0.
+                "compute_loss": True,
+                "distillation_use_topk": True,
+                PHASE_KEY: SCORE_PHASE,
+                "temperature": self.config.actor_rollout_ref.rollout.temperature,
+            }
+        )
+        output = self.actor_rollout_wg.compute_log_prob(batch)
+        assert len(output) == len(batch)
+        batch.extra_info.pop(PHASE_KEY)
+        batch.extra_info["compute_loss"] = False
+
+        fields = ["entropy", "log_probs", "response_mask", DISAGREEMENT_FIELD, COMPATIBILITY_FIELD]
+        if self.config.actor_rollout_ref.rollout.calculate_log_probs:
+            fields.extend(["responses", "rollout_log_probs"])
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask = data["response_mask"]
+        data["old_log_probs"] = response_from_nested(data.pop("log_probs"), response_mask)
+        for field in ("entropy", DISAGREEMENT_FIELD, COMPATIBILITY_FIELD):
+            data[field] = response_from_nested(data[field], response_mask)
+        batch = tq.kv_batch_put(
+            keys=batch.keys,
+            partition_id=batch.partition_id,
+            fields=data.select("old_log_probs", "entropy", DISAGREEMENT_FIELD, COMPATIBILITY_FIELD),
+        )
+        self._log_entropy_and_rollout_agreement(data, metrics)
+        return batch
+
+    def _log_entropy_and_rollout_agreement(self, data, metrics):
+        from verl.protocol import DataProto
+        from verl.trainer.ppo.core_algos import agg_loss
+        from verl.utils.debug.metrics import calculate_debug_metrics
+
+        proto = DataProto(batch=data.exclude(DISAGREEMENT_FIELD, COMPATIBILITY_FIELD).to_padded_tensor())
+        actor_config = self.config.actor_rollout_ref.actor
+        metrics["actor/entropy"] = agg_loss(
+            loss_mat=proto.batch["entropy"],
+            loss_mask=proto.batch["response_mask"],
+            loss_agg_mode=actor_config.loss_agg_mode,
+            loss_scale_factor=actor_config.loss_scale_factor,
+        ).item()
+        if self.config.actor_rollout_ref.rollout.calculate_log_probs:
+            metrics.update(calculate_debug_metrics(proto))
+
+    # ---- 2. global selection, then the update on the selection ---------------------------------------
+    def _select(self, batch, metrics):
+        fields = ["response_mask", "entropy", DISAGREEMENT_FIELD, COMPATIBILITY_FIELD, "old_log_probs"]
+        fields += ["teacher_logprobs", "teacher_ids"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask = data["response_mask"]
+        valid = _padded(response_mask, 0).bool()
+        not_padding = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])
+        valid &= not_padding.unsqueeze(1)
+        stats = TokenStatistics(
+            disagreement=_padded(data[DISAGREEMENT_FIELD], 0.0).float(),
+            compatibility=_padded(data[COMPATIBILITY_FIELD], 0.0).float(),
+            entropy=_padded(data["entropy"], 0.0).float(),
+        )
+        topk = self.distillation_config.distillation_loss.topk
+        teacher_logprobs = _padded(response_from_nested(data["teacher_logprobs"], response_mask), 0.0)
+        teacher_ids = _padded(response_from_nested(data["teacher_ids"], response_mask), 0)
+        _, _, teacher_sampled = split_teacher_entries(teacher_ids, teacher_logprobs, topk)
+        sampled_kl = _padded(data["old_log_probs"], 0.0).float() - teacher_sampled.float()
+        settings = self.ta_opd
+        mask, selection_metrics = select_rollout_batch(
+            stats,
+            valid,
+            list(batch.keys),
+            selector=settings.selector,
+            ratio=settings.ratio,
+            min_keep_per_sample=settings.min_keep_per_sample,
+            q_low=settings.q_low,
+            q_high=settings.q_high,
+            seed=settings.seed,
+            global_step=self.global_steps,
+            sampled_kl=sampled_kl,
+        )
+        metrics.update(selection_metrics)
+        metrics["actor/ta_opd/compatibility_is_lower_bound"] = float(settings.compatibility == "lower_bound")
+        loss_mask = response_to_nested(mask.to(torch.int64), response_mask)
+        fields = TensorDict({"loss_mask": loss_mask}, batch_size=len(batch.keys))
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+    def _update_actor(self, batch, metrics):
+        self._select(batch, metrics)
+        actor = self.config.actor_rollout_ref.actor
+        mini_batch_size = actor.ppo_mini_batch_size * self.config.actor_rollout_ref.rollout.n
+        batch.extra_info.update(
+            {
+                "calculate_entropy": actor.calculate_entropy or actor.entropy_coeff != 0.0,
+                # The logits processor is needed in the update only for the top-K reverse-KL loss.
+                "distillation_use_topk": self.ta_opd.loss == "reverse_kl_topk",
+                "distillation_only": False,
+                PHASE_KEY: TRAIN_PHASE,
+                "global_batch_size": mini_batch_size,
+                "mini_batch_size": mini_batch_size,
+                "epochs": actor.ppo_epochs,
+                "seed": actor.data_loader_seed,
+                "dataloader_kwargs": {"shuffle": actor.shuffle},
+                "temperature": self.config.actor_rollout_ref.rollout.temperature,
+            }
+        )
+        output = self.actor_rollout_wg.update_actor(batch)
+        batch.extra_info.pop(PHASE_KEY)
+        output = rename_dict(output["metrics"], "actor/")
+        output["perf/mfu/actor"] = output.pop("actor/mfu")
+        metrics.update(reduce_metrics(output))
+        return batch

@@ -1,0 +1,158 @@
+"""Do a student and a teacher share a vocabulary? On-policy distillation feeds the student's token ids to
+the teacher and compares the two models' logits id by id, so it needs the same id -> token mapping.
+
+The rule `check_same_vocabulary` applies, id by id over the common embedding range
+``[0, min(student vocab_size, teacher vocab_size))`` (``config.vocab_size``, the embedding rows):
+
+1. Regular tokens (the tokenizer model's own vocabulary: BPE ranks, word pieces) must be identical.
+2. Added tokens (``added_tokens`` in tokenizer.json: chat-control and special tokens such as
+   ``<|im_end|>`` or ``<｜Assistant｜>``) may differ, or exist on one side only, where BOTH sides hold an
+   added token or one side holds nothing (an embedding padding row). Each model's chat template renders
+   its own control tokens, so the text the student samples maps to the same regular ids; the differing
+   ids are returned in `VocabularyReport.special_differences` for the caller to mask or map (the
+   student's EOS, for one, is usually among them). A regular token facing an added token is a mismatch.
+3. Embedding sizes may differ (padding rows): logits are then compared on the common range. Every
+   student token id must lie inside the teacher's embedding, or the teacher could not score it; teacher
+   tokens beyond the student's embedding are outside the common range and only counted.
+
+This accepts the paper's DeepSeek-R1-Distill-Qwen-14B -> Qwen2.5-3B pair (one Qwen2 BPE of 151,643
+regular tokens, different added tokens from id 151,643 on, embeddings of 152,064 vs 151,936 rows) and
+refuses unrelated tokenizers with `VocabularyMismatchError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class VocabularyMismatchError(ValueError):
+    """The student and teacher do not share a vocabulary (see the module docstring for the rule)."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """One model folder's id -> token mapping, which ids are added tokens, and its embedding rows."""
+
+    path: Path
+    id_to_token: dict[int, str]
+    added_ids: frozenset[int]
+    embedding_rows: int
+
+    @property
+    def size(self) -> int:
+        return len(self.id_to_token)
+
+
+@dataclass(frozen=True)
+class VocabularyReport:
+    """What `check_same_vocabulary` found for a compatible pair.
+
+    common_size: ids ``[0, common_size)`` have logits in both models (the smaller embedding).
+    special_differences: ``(id, student token or None, teacher token or None)`` for every added-token id
+        in the common range whose token differs or exists on one side only.
+    teacher_only_ids: teacher tokens at ids ``>= common_size`` (outside the common logit range).
+    """
+
+    student: Vocabulary
+    teacher: Vocabulary
+    common_size: int
+    special_differences: tuple[tuple[int, str | None, str | None], ...]
+    teacher_only_ids: int
+
+
+def load_vocabulary(model_path: str | os.PathLike) -> Vocabulary:
+    """Read a model folder's tokenizer (tokenizer.json, else via AutoTokenizer) and config.vocab_size."""
+    path = Path(model_path)
+    if not path.is_dir():
+        raise VocabularyMismatchError(f"{path}: not a model folder")
+    tokenizer_file = path / "tokenizer.json"
+    if tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        token_to_id = tokenizer.get_vocab(with_added_tokens=True)
+        added_ids = frozenset(tokenizer.get_added_tokens_decoder())
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        token_to_id = tokenizer.get_vocab()
+        added_ids = frozenset(tokenizer.added_tokens_decoder)
+    id_to_token = {i: token for token, i in token_to_id.items()}
+    embedding_rows = _config_vocab_size(path)
+    return Vocabulary(
+        path=path,
+        id_to_token=id_to_token,
+        added_ids=added_ids,
+        embedding_rows=embedding_rows if embedding_rows is not None else max(id_to_token, default=-1) + 1,
+    )
+
+
+def _config_vocab_size(path: Path) -> int | None:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    return int(config["vocab_size"]) if config.get("vocab_size") else None
+
+
+def _describe(vocab: Vocabulary, token_id: int) -> str:
+    token = vocab.id_to_token.get(token_id)
+    if token is None:
+        return "no token"
+    return f"{'added' if token_id in vocab.added_ids else 'regular'} token {token!r}"
+
+
+def compare_vocabularies(student: Vocabulary, teacher: Vocabulary) -> VocabularyReport:
+    """Apply the module's rule to two loaded vocabularies; raise `VocabularyMismatchError` on a mismatch."""
+    common = min(student.embedding_rows, teacher.embedding_rows)
+    header = f"student {student.path} and teacher {teacher.path} do not share a vocabulary"
+    beyond = sorted(i for i in student.id_to_token if i >= teacher.embedding_rows)
+    if beyond:
+        raise VocabularyMismatchError(
+            f"{header}: student token id {beyond[0]} ({_describe(student, beyond[0])}) is outside the "
+            f"teacher's embedding ({teacher.embedding_rows} rows; {len(beyond)} student ids lie beyond it)"
+        )
+    mismatches: list[int] = []
+    special: list[tuple[int, str | None, str | None]] = []
+    for token_id in sorted(set(student.id_to_token) | set(teacher.id_to_token)):
+        if token_id >= common:
+            continue
+        s_token, t_token = student.id_to_token.get(token_id), teacher.id_to_token.get(token_id)
+        s_added, t_added = token_id in student.added_ids, token_id in teacher.added_ids
+        if s_token == t_token and s_added == t_added:
+            continue
+        special_ok = (s_added or s_token is None) and (t_added or t_token is None)
+        if special_ok:
+            special.append((token_id, s_token, t_token))
+        else:
+            mismatches.append(token_id)
+    if mismatches:
+        first = mismatches[0]
+        raise VocabularyMismatchError(
+            f"{header}: id {first} is {_describe(student, first)} in the student but "
+            f"{_describe(teacher, first)} in the teacher ({len(mismatches)} of {common} common ids differ; "
+            "only added/special tokens may differ)"
+        )
+    return VocabularyReport(
+        student=student,
+        teacher=teacher,
+        common_size=common,
+        special_differences=tuple(special),
+        teacher_only_ids=sum(1 for i in teacher.id_to_token if i >= common),
+    )
+
+
+def check_same_vocabulary(
+    student_path: str | os.PathLike, teacher_path: str | os.PathLike
+) -> VocabularyReport:
+    """Check that the student and teacher model folders share a vocabulary (rule: module docstring).
+
+    Returns a `VocabularyReport`; raises `VocabularyMismatchError` naming both paths and the first
+    differing id with its two tokens.
+    """
+    return compare_vocabularies(load_vocabulary(student_path), load_vocabulary(teacher_path))
