@@ -8,6 +8,7 @@ again in TA-OPD's trainer (for runs that compose their own config without the ca
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -66,16 +67,23 @@ def check_ta_opd_config(config: DictConfig) -> None:
 def _build_loss_config(config: DictConfig):
     """Instantiate the distillation-loss dataclass as verl's workers will (its ``__post_init__`` checks the
     ``ta_opd`` block: ratio, k <= topk, names)."""
+    from hydra.errors import InstantiationException
     from verl.utils.config import omega_conf_to_dataclass
 
     from ta_opd_verl.config import TAOPDDistillationLossConfig
 
-    loss_config = omega_conf_to_dataclass(config.distillation.distillation_loss)
-    if not isinstance(loss_config, TAOPDDistillationLossConfig):
+    target = _select(config, "distillation.distillation_loss._target_")
+    expected = f"{TAOPDDistillationLossConfig.__module__}.{TAOPDDistillationLossConfig.__name__}"
+    if target != expected:
         raise TAOPDConfigError(
-            "distillation.distillation_loss._target_ must be ta_opd_verl.config.TAOPDDistillationLossConfig "
-            f"(got {type(loss_config).__name__}); conf/ta_opd_trainer.yaml sets it"
+            f"distillation.distillation_loss._target_={target!r}: TA-OPD needs {expected} "
+            "(verl's keys plus the ta_opd block); conf/ta_opd_common.yaml sets it"
         )
+    try:
+        loss_config = omega_conf_to_dataclass(config.distillation.distillation_loss)
+    except InstantiationException as error:
+        # Hydra wraps the dataclass's own message (which names the key) in its call details.
+        raise TAOPDConfigError(str(error.__cause__ or error)) from None
     if loss_config.ta_opd.compatibility == "exact":
         raise TAOPDConfigError(
             "distillation.distillation_loss.ta_opd.compatibility=exact needs the teacher's log-probs at the "
@@ -94,8 +102,11 @@ def check_model_paths(config: DictConfig) -> None:
     for name, teacher in (_select(config, "distillation.teacher_models", {}) or {}).items():
         paths[f"distillation.teacher_models.{name}.model_path"] = OmegaConf.select(teacher, "model_path")
     for key, path in paths.items():
-        if path is None or not Path(str(path)).is_dir():
-            raise TAOPDConfigError(f"{key}={path!r} is not a model folder (a Hugging Face folder is accepted)")
+        if path is None or not (Path(str(path)) / "config.json").is_file():
+            raise TAOPDConfigError(
+                f"{key}={path!r} is not a model folder: a Hugging Face folder with config.json is accepted "
+                "(this check needs local folders; download hub models first)"
+            )
         if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":
             from ta_opd_verl.tiny.vllm_cpu import check_vllm_cpu_head_size
 
@@ -106,11 +117,18 @@ def check_model_paths(config: DictConfig) -> None:
 
 
 class PreflightCallback(Callback):
-    """Hydra callback: validates a TA-OPD (or CPU OPD) config in the driver, before verl starts Ray."""
+    """Hydra callback: validates a TA-OPD (or CPU OPD) config in the driver, before verl starts Ray.
+
+    Hydra turns exceptions raised by callbacks into warnings (``hydra/_internal/callbacks.py``, Hydra 1.3),
+    so a failed check prints its message and exits with ``SystemExit(2)``, which Hydra does not catch."""
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
-        if _select(task_config, "distillation.enabled", False):
-            check_model_paths(task_config)
-        if _select(task_config, "trainer.v1.trainer_mode") == "ta_opd":
-            check_ta_opd_config(task_config)
+        try:
+            if _select(task_config, "trainer.v1.trainer_mode") == "ta_opd":
+                check_ta_opd_config(task_config)
+            if _select(task_config, "distillation.enabled", False):
+                check_model_paths(task_config)
+        except (ValueError, OSError) as error:  # ours: TAOPDConfigError, vocabulary and head-size errors
+            print(f"ta-opd: configuration refused before start-up: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None

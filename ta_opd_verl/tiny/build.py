@@ -95,7 +95,7 @@ class BuildSettings:
     teacher: ModelShape = ModelShape(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=384)
     student: ModelShape = ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256)
     batch_size: int = 32
-    teacher_steps: int = 1500
+    teacher_steps: int = 1700
     student_schedule_steps: int = 1500
     student_max_steps: int = 800
     lr: float = 4e-3
@@ -103,7 +103,7 @@ class BuildSettings:
     label_smoothing: float = 0.05
     student_eval_every: int = 10
     student_eval_problems: int = 128
-    student_target: tuple[float, float] = (0.05, 0.15)
+    student_target: tuple[float, float] = (0.07, 0.15)
     student_floor: float = 0.02
     eval_problems: int = 500
     train_rows: int = 2048

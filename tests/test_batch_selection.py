@@ -1,0 +1,64 @@
+"""The driver's batch-level selection: global top-n over the whole batch, stable sample order, metrics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ta_opd_verl.batch_selection import select_rollout_batch, stable_sample_order
+from ta_opd_verl.teachability import TokenStatistics
+
+SETTINGS = dict(min_keep_per_sample=0, q_low=0.05, q_high=0.95, seed=3, global_step=1)
+
+
+def _stats(b: int, t: int, seed: int = 0) -> TokenStatistics:
+    generator = torch.Generator().manual_seed(seed)
+    return TokenStatistics(*(torch.rand(b, t, generator=generator) for _ in range(3)))
+
+
+def test_selection_is_the_global_top_n_over_all_valid_positions():
+    stats = _stats(6, 10)
+    valid = torch.ones(6, 10, dtype=torch.bool)
+    valid[2, 7:] = False
+    valid[5] = False  # a padding row added by verl's batch balancing
+    mask, metrics = select_rollout_batch(stats, valid, [f"k{i}" for i in range(6)], selector="raw_kl", ratio=0.1, **SETTINGS)
+    n_valid = int(valid.sum())
+    n = math.ceil(0.1 * n_valid)
+    assert int(mask.sum()) == n and not (mask & ~valid).any()
+    threshold = stats.disagreement[mask].min()
+    assert (stats.disagreement[valid & ~mask] <= threshold).all()
+    assert metrics["actor/ta_opd/kept_fraction"] == n / n_valid
+
+
+def test_tie_rule_follows_stable_ids_not_the_balanced_row_order():
+    ties = TokenStatistics(*(torch.ones(4, 3) for _ in range(3)))
+    valid = torch.ones(4, 3, dtype=torch.bool)
+    ids = ["c_0_0", "a_0_0", "d_0_0", "b_0_0"]  # rows as batch balancing reordered them
+    mask, _ = select_rollout_batch(ties, valid, ids, selector="raw_kl", ratio=2 / 12, **SETTINGS)
+    # Every score ties: earliest position first, then the lowest stable id: samples "a" and "b" at t = 0.
+    assert mask.nonzero().tolist() == [[1, 0], [3, 0]]
+    assert stable_sample_order(ids) == [1, 3, 0, 2]
+
+
+def test_same_step_and_seed_give_the_same_random_selection():
+    stats, valid = _stats(3, 8), torch.ones(3, 8, dtype=torch.bool)
+    ids = ["x", "y", "z"]
+    first, _ = select_rollout_batch(stats, valid, ids, selector="random", ratio=0.25, **SETTINGS)
+    again, _ = select_rollout_batch(stats, valid, ids, selector="random", ratio=0.25, **SETTINGS)
+    other_step, _ = select_rollout_batch(
+        stats, valid, ids, selector="random", ratio=0.25, **{**SETTINGS, "global_step": 2}
+    )
+    assert torch.equal(first, again) and not torch.equal(first, other_step)
+
+
+def test_metrics_compare_selected_with_unselected_positions():
+    stats, valid = _stats(4, 16), torch.ones(4, 16, dtype=torch.bool)
+    sampled_kl = torch.randn(4, 16)
+    mask, metrics = select_rollout_batch(
+        stats, valid, list("abcd"), selector="raw_kl", ratio=0.25, sampled_kl=sampled_kl, **SETTINGS
+    )
+    prefix = "actor/ta_opd/"
+    assert metrics[prefix + "disagreement_selected_mean"] > metrics[prefix + "disagreement_unselected_mean"]
+    assert abs(metrics[prefix + "sampled_kl_selected_mean"] - float(sampled_kl[mask].mean())) < 1e-6
+    assert all(math.isfinite(value) for value in metrics.values())
