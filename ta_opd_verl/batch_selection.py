@@ -36,7 +36,7 @@ def select_rollout_batch(
     sampled_kl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The bool ``[B, T]`` selection over the whole batch (rows in the caller's order) and its metrics.
-    ``sampled_kl`` (optional, ``[B, T]``): the sampled-token k1 estimate, reported on selected vs unselected."""
+    ``sampled_kl`` (optional, ``[B, T]``): the sampled-token k1, reported on selected vs unselected."""
     order = torch.tensor(stable_sample_order(sample_ids), dtype=torch.long)
     ordered = TokenStatistics(*(field[order] for field in stats))
     mask_ordered = select_positions(

@@ -58,8 +58,8 @@ def check_ta_opd_config(config: DictConfig) -> None:
         engine = OmegaConf.select(teacher, "inference.name")
         if engine != "vllm":
             raise TAOPDConfigError(
-                f"distillation.teacher_models.{name}.inference.name={engine!r}: TA-OPD's teacher server keeps "
-                "the sampled token's log-prob for vLLM teachers only; accepted: vllm"
+                f"distillation.teacher_models.{name}.inference.name={engine!r}: TA-OPD's teacher server "
+                "keeps the sampled token's log-prob for vLLM teachers only; accepted: vllm"
             )
     _build_loss_config(config)
 

@@ -9,7 +9,14 @@ import sys
 
 # name -> (module with a `main(argv) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "build-tiny": ("ta_opd_verl.tiny.build", "build (or reuse) the tiny CPU teacher/student pair and its data"),
+    "build-tiny": (
+        "ta_opd_verl.tiny.build",
+        "build (or reuse) the tiny CPU teacher/student pair and its data",
+    ),
+    "demo": (
+        "ta_opd_verl.demo",
+        "TA-OPD on the tiny pair through verl's trainer; report and plot in outputs/demo",
+    ),
     "train": ("ta_opd_verl.launch", "run verl's trainer with TA-OPD (on CPU: on the tiny pair)"),
 }
 
@@ -17,8 +24,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ta-opd", description=__doc__)
-    parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(
-        f"{name}: {help_}" for name, (_, help_) in sorted(SUBCOMMANDS.items())))
+    parser.add_argument(
+        "command",
+        choices=sorted(SUBCOMMANDS),
+        help="; ".join(f"{name}: {help_}" for name, (_, help_) in sorted(SUBCOMMANDS.items())),
+    )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2

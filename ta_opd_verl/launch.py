@@ -119,7 +119,9 @@ def run_verl(
         returncode = _wait_with_progress(process, metrics_path, started, timeout, progress)
     result = RunResult(returncode, out_dir, time.monotonic() - started)
     if progress:
-        print(f"[ta-opd] verl exited with {returncode} after {result.wall_seconds:.0f}s; log: {result.log_path}")
+        print(
+            f"[ta-opd] verl exited with {returncode} after {result.wall_seconds:.0f}s; log: {result.log_path}"
+        )
     return result
 
 
@@ -177,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         split = argv.index("--")
         argv, overrides = argv[:split], argv[split + 1 :]
     parser = argparse.ArgumentParser(prog="ta-opd train", description=__doc__)
-    parser.add_argument("--config", default="ta_opd_cpu", help="config name under conf/ (default: ta_opd_cpu)")
+    parser.add_argument(
+        "--config", default="ta_opd_cpu", help="config name under conf/ (default: ta_opd_cpu)"
+    )
     parser.add_argument("--out", default="outputs/train", help="run folder (metrics.jsonl, verl.log)")
     parser.add_argument("--steps", type=int, default=None, help="trainer.total_training_steps")
     parser.add_argument("--gpu", action="store_true", help="do not set the CPU runtime's environment")

@@ -64,12 +64,19 @@ def reverse_kl_on_teacher_support(
     student_log_probs = torch.log_softmax(student_logits.float(), dim=-1)
     student_on_support = torch.gather(student_log_probs, -1, teacher_ids.long())
     student_on_support = student_on_support - torch.logsumexp(student_on_support, dim=-1, keepdim=True)
-    teacher_on_support = teacher_logprobs.float() - torch.logsumexp(teacher_logprobs.float(), dim=-1, keepdim=True)
+    teacher_on_support = teacher_logprobs.float() - torch.logsumexp(
+        teacher_logprobs.float(), dim=-1, keepdim=True
+    )
     return (student_on_support.exp() * (student_on_support - teacher_on_support)).sum(-1)
 
 
 def masked_aggregate(
-    per_token: torch.Tensor, selected: torch.Tensor, mode: str, *, dp_size: int, batch_num_selected: float,
+    per_token: torch.Tensor,
+    selected: torch.Tensor,
+    mode: str,
+    *,
+    dp_size: int,
+    batch_num_selected: float,
     global_batch_size: int,
 ) -> torch.Tensor:
     """Aggregate a ``[B, T]`` per-token loss over the selected positions of one micro-batch so that the
@@ -173,9 +180,13 @@ class TAOPDLossFunction:
         teacher_ids = no_padding_2_padding(data["teacher_ids"], data)
         teacher_logprobs = no_padding_2_padding(data["teacher_logprobs"], data)
         _, _, teacher_sampled = split_teacher_entries(teacher_ids, teacher_logprobs, self.loss_config.topk)
-        per_token = kl_penalty(logprob=log_prob, ref_logprob=teacher_sampled.to(log_prob.dtype), kl_penalty="k1")
+        per_token = kl_penalty(
+            logprob=log_prob, ref_logprob=teacher_sampled.to(log_prob.dtype), kl_penalty="k1"
+        )
         if self.loss_config.loss_max_clamp is not None:
-            per_token = per_token.clamp(min=-self.loss_config.loss_max_clamp, max=self.loss_config.loss_max_clamp)
+            per_token = per_token.clamp(
+                min=-self.loss_config.loss_max_clamp, max=self.loss_config.loss_max_clamp
+            )
         old_log_prob = _padded(data["old_log_probs"], 0.0)
         for key, value in batch_info.items():
             self.loss_config.global_batch_info[key] = value

@@ -134,7 +134,8 @@ class TAOPDTrainer(PPOTrainerSync):
         topk = self.distillation_config.distillation_loss.topk
         teacher_logprobs = _padded(response_from_nested(data["teacher_logprobs"], response_mask), 0.0)
         teacher_ids = _padded(response_from_nested(data["teacher_ids"], response_mask), 0)
-        _, _, teacher_sampled = split_teacher_entries(teacher_ids, teacher_logprobs, topk)
+        top_ids, _, teacher_sampled = split_teacher_entries(teacher_ids, teacher_logprobs, topk)
+        outside_top_k = ~(top_ids == teacher_ids[..., topk:]).any(-1)
         sampled_kl = _padded(data["old_log_probs"], 0.0).float() - teacher_sampled.float()
         settings = self.ta_opd
         mask, selection_metrics = select_rollout_batch(
@@ -151,6 +152,9 @@ class TAOPDTrainer(PPOTrainerSync):
             sampled_kl=sampled_kl,
         )
         metrics.update(selection_metrics)
+        # Share of positions whose sampled token lies outside the teacher's top-K: there verl's stock
+        # server would have dropped the teacher's log-prob; ours keeps it.
+        metrics["actor/ta_opd/sampled_outside_teacher_topk"] = float(outside_top_k[valid].float().mean())
         metrics["actor/ta_opd/compatibility_is_lower_bound"] = float(settings.compatibility == "lower_bound")
         loss_mask = response_to_nested(mask.to(torch.int64), response_mask)
         fields = TensorDict({"loss_mask": loss_mask}, batch_size=len(batch.keys))

@@ -22,7 +22,9 @@ def test_selection_is_the_global_top_n_over_all_valid_positions():
     valid = torch.ones(6, 10, dtype=torch.bool)
     valid[2, 7:] = False
     valid[5] = False  # a padding row added by verl's batch balancing
-    mask, metrics = select_rollout_batch(stats, valid, [f"k{i}" for i in range(6)], selector="raw_kl", ratio=0.1, **SETTINGS)
+    mask, metrics = select_rollout_batch(
+        stats, valid, [f"k{i}" for i in range(6)], selector="raw_kl", ratio=0.1, **SETTINGS
+    )
     n_valid = int(valid.sum())
     n = math.ceil(0.1 * n_valid)
     assert int(mask.sum()) == n and not (mask & ~valid).any()

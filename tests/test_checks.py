@@ -54,7 +54,7 @@ def test_missing_model_folder_is_named():
 
 
 def test_bad_config_stops_main_ppo_before_ray_starts(tmp_path):
-    """The Hydra preflight callback runs in the driver before verl's main: no Ray start-up, a clear message."""
+    """The Hydra preflight callback runs in the driver before verl's main: no Ray, a clear message."""
     command = [
         sys.executable,
         "-m",

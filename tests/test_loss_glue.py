@@ -52,10 +52,13 @@ def test_full_selection_reproduces_verls_k1_policy_gradient_loss():
 
     config, actor, distillation = _configs("pg_k1")
     data, model_output, _ = synthetic_micro_batch([3, 2, 4], [4, 5, 2], vocab=VOCAB, topk=TOPK)
-    ours, _ = TAOPDLossFunction(actor, distillation)(data=_with_phase(data, TRAIN_PHASE), model_output=model_output)
+    ours, _ = TAOPDLossFunction(actor, distillation)(
+        data=_with_phase(data, TRAIN_PHASE), model_output=model_output
+    )
 
     verl_config = compose_config(
-        "opd_cpu", ["distillation.distillation_loss.topk=4", "distillation.distillation_loss.loss_mode=k1", *TEACHER]
+        "opd_cpu",
+        ["distillation.distillation_loss.topk=4", "distillation.distillation_loss.loss_mode=k1", *TEACHER],
     )
     verl_distillation = omega_conf_to_dataclass(verl_config.distillation)
     verl_actor = omega_conf_to_dataclass(verl_config.actor_rollout_ref.actor)
@@ -80,7 +83,9 @@ def test_pg_k1_loss_is_the_mean_over_selected_positions():
     data, model_output, raw = synthetic_micro_batch(
         [3, 2, 4], [4, 5, 2], vocab=VOCAB, topk=TOPK, selection=selection
     )
-    loss, _ = TAOPDLossFunction(actor, distillation)(data=_with_phase(data, TRAIN_PHASE), model_output=model_output)
+    loss, _ = TAOPDLossFunction(actor, distillation)(
+        data=_with_phase(data, TRAIN_PHASE), model_output=model_output
+    )
     # First PPO epoch (log_prob == old_log_prob is not assumed): ratio r = exp(lp - old), advantage
     # A = -(lp - lp_teacher(y)); clipped objective -min(rA, clip(r)A) with verl's dual clip, averaged over
     # the 3 selected positions.
@@ -97,7 +102,9 @@ def test_pg_k1_loss_is_the_mean_over_selected_positions():
             clipped = torch.clamp(ratio, 1 - 0.2, 1 + 0.28)
             term = torch.maximum(-ratio * advantage, -clipped * advantage)
             if advantage < 0:  # verl's dual clip bounds the loss of negative advantages by -A * clip_ratio_c
-                term = torch.minimum(term, -advantage * distillation.distillation_loss.get("clip_ratio_c", 3.0))
+                term = torch.minimum(
+                    term, -advantage * distillation.distillation_loss.get("clip_ratio_c", 3.0)
+                )
             terms.append(term)
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
 
@@ -105,7 +112,9 @@ def test_pg_k1_loss_is_the_mean_over_selected_positions():
 def test_nothing_selected_gives_zero_loss_not_nan():
     _, actor, distillation = _configs("pg_k1")
     data, model_output, _ = synthetic_micro_batch([2, 2], [3, 3], vocab=VOCAB, topk=TOPK, selection=[[], []])
-    loss, _ = TAOPDLossFunction(actor, distillation)(data=_with_phase(data, TRAIN_PHASE), model_output=model_output)
+    loss, _ = TAOPDLossFunction(actor, distillation)(
+        data=_with_phase(data, TRAIN_PHASE), model_output=model_output
+    )
     assert loss.item() == 0.0
 
 

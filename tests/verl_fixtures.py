@@ -44,7 +44,9 @@ def synthetic_micro_batch(
         responses.append(sequence[p_len:])
         log_probs.append(-torch.rand(p_len + r_len, generator=generator) * 3)
         ids = torch.stack([torch.randperm(vocab, generator=generator)[:topk] for _ in range(p_len + r_len)])
-        logprobs = torch.sort(-torch.rand(p_len + r_len, topk, generator=generator) * 4, dim=-1, descending=True)[0]
+        logprobs = torch.sort(
+            -torch.rand(p_len + r_len, topk, generator=generator) * 4, dim=-1, descending=True
+        )[0]
         sampled = -torch.rand(p_len + r_len, 1, generator=generator) * 6
         next_tokens = torch.cat([sequence[1:], torch.zeros(1, dtype=torch.long)]).unsqueeze(-1)
         teacher_ids.append(torch.cat([ids, next_tokens], dim=-1))

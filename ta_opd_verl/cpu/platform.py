@@ -173,7 +173,7 @@ def register_cpu_platform() -> None:
         from verl.plugin.platform.platform_manager import PlatformRegistry
     except ImportError as error:
         raise CPURuntimeError(
-            "VERL_PLATFORM=cpu needs verl's platform registry (verl.plugin.platform, verl 0.9.1): " f"{error}"
+            f"VERL_PLATFORM=cpu needs verl's platform registry (verl.plugin.platform, verl 0.9.1): {error}"
         ) from error
     if PlatformRegistry.get(CPU_PLATFORM_NAME) is None:
         PlatformRegistry.register(platform=CPU_PLATFORM_NAME)(build_platform_class())

