@@ -484,7 +484,11 @@ def build_tiny_pair(
             "train_seconds": round(train_seconds, 1),
             "build_seconds": round(time.perf_counter() - started, 1),
         }
+        manifest = json.loads(json.dumps(manifest))  # what a cache hit reads back (tuples become lists)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the pair is meant to be shared
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
