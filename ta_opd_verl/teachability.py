@@ -1,7 +1,7 @@
 """Token teachability: per-position statistics, batch normalisation and budgeted selection.
 
 Pure tensor math for TA-OPD (arXiv 2605.26844), importing torch and the standard library only, so it is
-testable and reusable without verl. The equations are numbered as in the paper; `docs/algo` restates them.
+testable and reusable without verl. Equation numbers are the paper's.
 
 - `token_statistics` computes, per position, the local disagreement D (Eq. 9, a forward KL on the union
   of the student's and the teacher's top-k), the compatibility C (Eq. 10, or its lower bound Eq. 17) and
@@ -56,9 +56,13 @@ _STUDENT_PROB_FLOOR = 1e-12
 # Eq. 11's epsilon, and the spread below which a statistic counts as constant.
 _NORM_EPS = 1e-12
 _NO_SPREAD = 1e-6
-# Rows per internal block when `chunk_size` is not given: about 32 MiB of float32 per block buffer.
-# Blocks that fit a reused buffer beat one [N, V] log-softmax on CPU (no page faults, fewer passes).
-_BLOCK_BYTES = 32 * 2**20
+# Rows per block when `chunk_size` is not given: about 256 MiB of float32 log-probs. A reused block buffer
+# beats one [N, V] log-softmax on CPU (no page faults per call); much smaller blocks lose again to the
+# per-operation thread synchronisation (measured on 2 cores, see docs/benchmarks.md).
+_BLOCK_BYTES = 256 * 2**20
+# Smaller temporaries (the entropy pass's probabilities, float32 copies of low-precision logits) are
+# made sub-block by sub-block, about 32 MiB each.
+_SUB_BLOCK_BYTES = 32 * 2**20
 
 
 class TokenStatistics(NamedTuple):
@@ -115,8 +119,9 @@ def token_statistics(
             `entropy_mode="topk"`.
         entropy_mode: `"full"` (paper) is the full-vocabulary entropy; `"topk"` (the authors' code) is
             the entropy of the student's top-k probabilities renormalised, divided by log k (0 for k=1).
-        chunk_size: rows (positions) per block. Results do not depend on it; it bounds the working
-            memory to about two `[chunk_size, V]` float32 buffers. Default: blocks of about 32 MiB.
+        chunk_size: rows (positions) per block. Results do not depend on it. The working memory is one
+            `[chunk_size, V]` float32 log-prob buffer (never more than one `[N, V]`), plus a buffer of
+            about 32 MiB for the entropy pass. Default: blocks of about 256 MiB.
 
     Returns:
         TokenStatistics of float32 tensors with the leading shape. With p̄ = p / Σ_U p,
@@ -161,13 +166,16 @@ def token_statistics(
     block = chunk_size or max(1, _BLOCK_BYTES // (4 * vocab))
     block = max(1, min(block, n_rows))
     log_probs_buffer = torch.empty(block, vocab, dtype=torch.float32, device=device)
-    probs_buffer = torch.empty_like(log_probs_buffer) if full_entropy_pass else None
+    sub_block = max(1, min(block, _SUB_BLOCK_BYTES // (4 * vocab)))
+    probs_buffer = None
+    if full_entropy_pass:
+        probs_buffer = torch.empty(sub_block, vocab, dtype=torch.float32, device=device)
 
     for start in range(0, n_rows, block):
         rows = slice(start, min(start + block, n_rows))
         x = logits[rows]
         log_probs = log_probs_buffer[: x.shape[0]]
-        torch.log_softmax(x, dim=-1, dtype=torch.float32, out=log_probs)
+        _log_softmax_into(x, log_probs, sub_block)
         student_topk_ids = torch.topk(x, k, dim=-1).indices
         d, c, student_topk_lp = _union_statistics(
             log_probs,
@@ -183,11 +191,21 @@ def token_statistics(
         if entropy_mode == "topk":
             entropy[rows] = _topk_entropy(student_topk_lp, k)
         elif full_entropy_pass:
-            entropy[rows] = _full_entropy(log_probs, probs_buffer[: x.shape[0]])
+            entropy[rows] = _full_entropy(log_probs, probs_buffer)
 
     if student_entropy is not None and entropy_mode == "full":
         entropy = student_entropy.detach().reshape(n_rows).to(device=device, dtype=torch.float32)
     return TokenStatistics(disagreement.reshape(lead), compatibility.reshape(lead), entropy.reshape(lead))
+
+
+def _log_softmax_into(logits: torch.Tensor, out: torch.Tensor, sub_block: int) -> None:
+    """float32 log-softmax of a block into `out`; low-precision logits are upcast sub-block by sub-block."""
+    if logits.dtype == torch.float32:
+        torch.log_softmax(logits, dim=-1, out=out)
+        return
+    for start in range(0, logits.shape[0], sub_block):
+        rows = slice(start, start + sub_block)
+        torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32, out=out[rows])
 
 
 def _union_statistics(
@@ -246,9 +264,17 @@ def _topk_entropy(topk_log_probs: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _full_entropy(log_probs: torch.Tensor, probs_buffer: torch.Tensor) -> torch.Tensor:
-    """-Σ p log p over the vocabulary, in the two block buffers (the block's log-probs are spent after)."""
-    torch.exp(log_probs, out=probs_buffer)
-    entropy = -probs_buffer.mul_(log_probs).sum(dim=-1)
+    """-Σ p log p over the vocabulary, sub-block by sub-block through the small `probs_buffer`.
+
+    Overwrites the block's log-probs (they are spent by then).
+    """
+    entropy = torch.empty(log_probs.shape[0], dtype=torch.float32, device=log_probs.device)
+    step = probs_buffer.shape[0]
+    for start in range(0, log_probs.shape[0], step):
+        rows = log_probs[start : start + step]
+        probs = probs_buffer[: rows.shape[0]]
+        torch.exp(rows, out=probs)
+        entropy[start : start + step] = -probs.mul_(rows).sum(dim=-1)
     # A -inf logit gives 0 * -inf = NaN; redo only those rows with log-probs clamped so 0 * log 0 = 0.
     bad = torch.isnan(entropy)
     if bool(bad.any()):

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ta_opd_verl import teachability
 from ta_opd_verl.teachability import TokenStatistics, token_statistics
 
 NEG_INF = float("-inf")
@@ -295,4 +296,20 @@ def test_ranges_and_chunk_independence(seed, vocab, data):
     chunk = data.draw(st.integers(1, rows))
     chunked = token_statistics(logits, ids, lps, k=k, student_probs=student_probs, chunk_size=chunk)
     for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_blocks_and_sub_blocks_match_reference(monkeypatch, dtype):
+    # Shrink the default block sizes so a small input spans several blocks and entropy sub-blocks.
+    monkeypatch.setattr(teachability, "_BLOCK_BYTES", 4 * 40 * 7)
+    monkeypatch.setattr(teachability, "_SUB_BLOCK_BYTES", 4 * 40 * 3)
+    gen = torch.Generator().manual_seed(8)
+    logits = (torch.randn(5, 6, 40, generator=gen) * 3).to(dtype)
+    logits[0, 0, 5] = NEG_INF
+    ids, lps, _ = make_teacher(logits.float(), 7, "random", gen)
+    stats = token_statistics(logits, ids, lps, k=5)
+    assert_matches(stats, reference(logits.float(), ids, lps, 5))
+    whole = token_statistics(logits, ids, lps, k=5, chunk_size=30)
+    for a, b in zip(stats, whole, strict=True):
         assert torch.equal(a, b)
