@@ -116,7 +116,16 @@ def run_verl(
         log.write(" ".join(command) + "\n")
         log.flush()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out_dir)
-        returncode = _wait_with_progress(process, metrics_path, started, timeout, progress)
+        try:
+            returncode = _wait_with_progress(process, metrics_path, started, timeout, progress)
+        finally:
+            # An interrupted or timed-out wait must not leave verl (and its Ray cluster) running.
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
     result = RunResult(returncode, out_dir, time.monotonic() - started)
     if progress:
         print(
