@@ -33,6 +33,8 @@ TRAIN_PHASE = "train"
 # Per-token fields the scoring forward returns (written to TransferQueue by verl's collect).
 DISAGREEMENT_FIELD = "ta_opd_disagreement"
 COMPATIBILITY_FIELD = "ta_opd_compatibility"
+# Only with entropy_mode=topk; with the paper's full-vocabulary entropy, verl's own `entropy` output is H.
+TOPK_ENTROPY_FIELD = "ta_opd_topk_entropy"
 REVERSE_KL_FIELD = "ta_opd_reverse_kl"
 
 
@@ -132,6 +134,7 @@ class TAOPDLossFunction:
         teacher_ids, teacher_logprobs = _slice_for_sequence_parallel(teacher_ids, teacher_logprobs)
         top_ids, top_logprobs, _ = split_teacher_entries(teacher_ids, teacher_logprobs, self.loss_config.topk)
         if phase == SCORE_PHASE:
+            topk_entropy = self.settings.entropy_mode == "topk"
             with torch.no_grad():
                 stats = token_statistics(
                     student_logits,
@@ -139,10 +142,16 @@ class TAOPDLossFunction:
                     top_logprobs,
                     k=self.settings.k,
                     student_probs=self.settings.student_probs,
-                    # H comes from verl's own entropy output of the same forward; skip a second V-pass.
-                    student_entropy=torch.zeros(student_logits.shape[:-1], device=student_logits.device),
+                    entropy_mode=self.settings.entropy_mode,
+                    # The full-vocabulary H is verl's own entropy output of this forward: no second V-pass.
+                    student_entropy=None
+                    if topk_entropy
+                    else torch.zeros(student_logits.shape[:-1], device=student_logits.device),
                 )
-            return {DISAGREEMENT_FIELD: stats.disagreement, COMPATIBILITY_FIELD: stats.compatibility}
+            outputs = {DISAGREEMENT_FIELD: stats.disagreement, COMPATIBILITY_FIELD: stats.compatibility}
+            if topk_entropy:
+                outputs[TOPK_ENTROPY_FIELD] = stats.entropy
+            return outputs
         return {REVERSE_KL_FIELD: reverse_kl_on_teacher_support(student_logits, top_ids, top_logprobs)}
 
     # ---- loss on the selected positions ---------------------------------------------------------------

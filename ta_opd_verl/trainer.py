@@ -34,6 +34,7 @@ from ta_opd_verl.loss import (
     DISAGREEMENT_FIELD,
     PHASE_KEY,
     SCORE_PHASE,
+    TOPK_ENTROPY_FIELD,
     TRAIN_PHASE,
     TAOPDLossFunction,
     split_teacher_entries,
@@ -85,18 +86,19 @@ class TAOPDTrainer(PPOTrainerSync):
         batch.extra_info.pop(PHASE_KEY)
         batch.extra_info["compute_loss"] = False
 
-        fields = ["entropy", "log_probs", "response_mask", DISAGREEMENT_FIELD, COMPATIBILITY_FIELD]
+        score_fields = self._score_fields()
+        fields = ["entropy", "log_probs", "response_mask", *score_fields]
         if self.config.actor_rollout_ref.rollout.calculate_log_probs:
             fields.extend(["responses", "rollout_log_probs"])
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask = data["response_mask"]
         data["old_log_probs"] = response_from_nested(data.pop("log_probs"), response_mask)
-        for field in ("entropy", DISAGREEMENT_FIELD, COMPATIBILITY_FIELD):
+        for field in ("entropy", *score_fields):
             data[field] = response_from_nested(data[field], response_mask)
         batch = tq.kv_batch_put(
             keys=batch.keys,
             partition_id=batch.partition_id,
-            fields=data.select("old_log_probs", "entropy", DISAGREEMENT_FIELD, COMPATIBILITY_FIELD),
+            fields=data.select("old_log_probs", "entropy", *score_fields),
         )
         self._log_entropy_and_rollout_agreement(data, metrics)
         return batch
@@ -106,7 +108,7 @@ class TAOPDTrainer(PPOTrainerSync):
         from verl.trainer.ppo.core_algos import agg_loss
         from verl.utils.debug.metrics import calculate_debug_metrics
 
-        proto = DataProto(batch=data.exclude(DISAGREEMENT_FIELD, COMPATIBILITY_FIELD).to_padded_tensor())
+        proto = DataProto(batch=data.exclude(*self._score_fields()).to_padded_tensor())
         actor_config = self.config.actor_rollout_ref.actor
         metrics["actor/entropy"] = agg_loss(
             loss_mat=proto.batch["entropy"],
@@ -117,9 +119,15 @@ class TAOPDTrainer(PPOTrainerSync):
         if self.config.actor_rollout_ref.rollout.calculate_log_probs:
             metrics.update(calculate_debug_metrics(proto))
 
+    def _score_fields(self) -> list[str]:
+        """Per-token fields our processor returns in the scoring forward."""
+        fields = [DISAGREEMENT_FIELD, COMPATIBILITY_FIELD]
+        return fields + [TOPK_ENTROPY_FIELD] if self.ta_opd.entropy_mode == "topk" else fields
+
     # ---- 2. global selection, then the update on the selection ---------------------------------------
     def _select(self, batch, metrics):
-        fields = ["response_mask", "entropy", DISAGREEMENT_FIELD, COMPATIBILITY_FIELD, "old_log_probs"]
+        entropy_field = TOPK_ENTROPY_FIELD if self.ta_opd.entropy_mode == "topk" else "entropy"
+        fields = ["response_mask", entropy_field, DISAGREEMENT_FIELD, COMPATIBILITY_FIELD, "old_log_probs"]
         fields += ["teacher_logprobs", "teacher_ids"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask = data["response_mask"]
@@ -129,7 +137,7 @@ class TAOPDTrainer(PPOTrainerSync):
         stats = TokenStatistics(
             disagreement=_padded(data[DISAGREEMENT_FIELD], 0.0).float(),
             compatibility=_padded(data[COMPATIBILITY_FIELD], 0.0).float(),
-            entropy=_padded(data["entropy"], 0.0).float(),
+            entropy=_padded(data[entropy_field], 0.0).float(),
         )
         topk = self.distillation_config.distillation_loss.topk
         teacher_logprobs = _padded(response_from_nested(data["teacher_logprobs"], response_mask), 0.0)

@@ -8,6 +8,7 @@ from verl_fixtures import compose_config, synthetic_micro_batch
 
 from ta_opd_verl.loss import (
     SCORE_PHASE,
+    TOPK_ENTROPY_FIELD,
     TRAIN_PHASE,
     TAOPDLossFunction,
     TeacherLayoutError,
@@ -166,3 +167,26 @@ def test_seq_mean_token_mean_averages_each_samples_selected_mean():
         per_token, selected, "token-mean", dp_size=1, batch_num_selected=3, global_batch_size=2
     )
     assert token_mean.item() == pytest.approx((1.0 + 3.0 + 6.0) / 3)
+
+
+def test_topk_entropy_mode_returns_the_students_top_k_entropy_from_the_processor():
+    from verl.utils.config import omega_conf_to_dataclass
+
+    config = compose_config(
+        "ta_opd_cpu",
+        [
+            f"distillation.distillation_loss.topk={TOPK}",
+            "distillation.distillation_loss.ta_opd.k=4",
+            "distillation.distillation_loss.ta_opd.entropy_mode=topk",
+            *TEACHER,
+        ],
+    )
+    loss_fn = TAOPDLossFunction(
+        omega_conf_to_dataclass(config.actor_rollout_ref.actor), omega_conf_to_dataclass(config.distillation)
+    )
+    data, _, _ = synthetic_micro_batch([2], [3], vocab=VOCAB, topk=TOPK)
+    logits = torch.randn(1, 5, VOCAB)
+    outputs = loss_fn(student_logits=logits, data=_with_phase(data, SCORE_PHASE))
+    top = torch.log_softmax(logits.topk(4, dim=-1).values, dim=-1)
+    expected = -(top.exp() * top).sum(-1) / torch.log(torch.tensor(4.0))
+    torch.testing.assert_close(outputs[TOPK_ENTROPY_FIELD], expected)
