@@ -75,3 +75,70 @@ def test_bad_config_stops_main_ppo_before_ray_starts(tmp_path):
     assert result.returncode != 0
     assert "ta_opd.k (64) must be <=" in output
     assert "Started a local Ray instance" not in output and "TaskRunnerV1" not in output
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from ta_opd_verl.tiny.build import build_tiny_pair
+
+    return build_tiny_pair()
+
+
+def _paths(student, teacher):
+    return _config(
+        f"actor_rollout_ref.model.path={student}",
+        f"distillation.teacher_models.teacher_model.model_path={teacher}",
+    )
+
+
+def test_tiny_pair_passes_the_model_checks(pair, monkeypatch):
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    check_model_paths(_paths(pair.student, pair.teacher))
+
+
+def test_teacher_with_another_vocabulary_is_refused(pair, tmp_path):
+    import json
+    import shutil
+
+    from ta_opd_verl.vocab import VocabularyMismatchError
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pair.teacher, teacher)
+    tokenizer = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[40:42]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (teacher / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(VocabularyMismatchError):
+        check_model_paths(_paths(pair.student, teacher))
+
+
+def test_head_size_vllm_cpu_refuses_is_named(pair, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from ta_opd_verl.tiny.vllm_cpu import UnsupportedHeadSizeError
+
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    student = tmp_path / "student"
+    shutil.copytree(pair.student, student)
+    config = json.loads((student / "config.json").read_text())
+    config.update(num_attention_heads=4, head_dim=16)
+    (student / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedHeadSizeError, match="supported: 32, 64"):
+        check_model_paths(_paths(student, pair.teacher))
+
+
+def test_verls_own_opd_losses_compose_for_the_cpu_baseline():
+    from verl.utils.config import omega_conf_to_dataclass
+
+    for overrides in (
+        ["distillation.distillation_loss.loss_mode=k1"],
+        [
+            "distillation.distillation_loss.loss_mode=forward_kl_topk",
+            "distillation.distillation_loss.use_policy_gradient=false",
+        ],
+    ):
+        config = compose_config("opd_cpu", [TEACHER, *overrides])
+        distillation = omega_conf_to_dataclass(config.distillation)
+        assert distillation.distillation_loss.loss_mode == overrides[0].split("=")[1]
