@@ -40,6 +40,9 @@ class RunResult:
     returncode: int
     out_dir: Path
     wall_seconds: float
+    # Peak of the machine's used memory during the run minus its value at the start, sampled every 2 s:
+    # verl's processes (Ray, vLLM engines, FSDP workers) together, and whatever else ran meanwhile.
+    peak_memory_gib: float = 0.0
 
     @property
     def metrics_path(self) -> Path:
@@ -122,8 +125,9 @@ def run_verl(
         log.write(" ".join(command) + "\n")
         log.flush()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out_dir)
+        memory = _MemoryWatch()
         try:
-            returncode = _wait_with_progress(process, metrics_path, started, timeout, progress)
+            returncode = _wait_with_progress(process, metrics_path, started, timeout, progress, memory)
         finally:
             # An interrupted or timed-out wait must not leave verl (and its Ray cluster) running.
             if process.poll() is None:
@@ -148,10 +152,23 @@ def _total_steps(overrides: list[str]) -> int | None:
     return None
 
 
-def _wait_with_progress(process, metrics_path: Path, started: float, timeout, progress: bool) -> int:
+class _MemoryWatch:
+    def __init__(self) -> None:
+        import psutil
+
+        self._read = lambda: psutil.virtual_memory().used
+        self._baseline = self._read()
+        self.peak_gib = 0.0
+
+    def sample(self) -> None:
+        self.peak_gib = max(self.peak_gib, (self._read() - self._baseline) / 2**30)
+
+
+def _wait_with_progress(process, metrics_path: Path, started: float, timeout, progress: bool, memory) -> int:
     seen = 0
     first_step_at = None
     while True:
+        memory.sample()
         try:
             return process.wait(timeout=2.0) if timeout is None else _wait_bounded(process, started, timeout)
         except subprocess.TimeoutExpired:

@@ -24,8 +24,25 @@ def pair():
     return build_tiny_pair()
 
 
-def _step_data(result) -> dict[int, dict]:
-    return {entry["step"]: entry["data"] for entry in result.metrics()}
+def _train(config: str, pair, steps: int, overrides: list[str], out_dir) -> dict[int, dict]:
+    """Run verl's trainer for ``steps`` steps without validation; the JSONL metrics by step."""
+    result = run_verl(
+        config,
+        [
+            *tiny_pair_overrides(pair),
+            f"trainer.total_training_steps={steps}",
+            "trainer.val_before_train=false",
+            "trainer.test_freq=-1",
+            *overrides,
+        ],
+        out_dir,
+        timeout=VERL_TIMEOUT,
+    )
+    assert result.returncode == 0, result.log_path.read_text()[-4000:]
+    print(f"{config}: {steps} steps in {result.wall_seconds:.0f}s, peak memory +{result.peak_memory_gib:.1f} GiB")
+    data = {entry["step"]: entry["data"] for entry in result.metrics()}
+    assert sorted(data) == list(range(1, steps + 1))
+    return data
 
 
 def _fixed_batch_log_probs(model_path, pair) -> torch.Tensor:
@@ -54,24 +71,13 @@ def _fixed_batch_log_probs(model_path, pair) -> torch.Tensor:
 
 def test_verls_own_opd_runs_on_cpu_and_rollout_weights_follow_the_trainer(pair, tmp_path):
     steps = 4
-    result = run_verl(
-        "opd_cpu",
-        [
-            *tiny_pair_overrides(pair),
-            f"trainer.total_training_steps={steps}",
-            "trainer.val_before_train=false",
-            "trainer.test_freq=-1",
-            f"trainer.save_freq={steps}",
-            "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
-            # Large on purpose: the policy must move measurably for the refit check to mean something.
-            "actor_rollout_ref.actor.optim.lr=3e-3",
-        ],
-        tmp_path,
-        timeout=VERL_TIMEOUT,
-    )
-    assert result.returncode == 0, result.log_path.read_text()[-4000:]
-    data = _step_data(result)
-    assert sorted(data) == list(range(1, steps + 1))
+    overrides = [
+        f"trainer.save_freq={steps}",
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+        # Large on purpose: the policy must move measurably for the refit check to mean something.
+        "actor_rollout_ref.actor.optim.lr=3e-3",
+    ]
+    data = _train("opd_cpu", pair, steps, overrides, tmp_path)
     for step, metrics in data.items():
         assert math.isfinite(metrics["actor/distillation/loss"]), step
         assert math.isfinite(metrics["actor/distillation/abs_loss"]), step
@@ -86,24 +92,13 @@ def test_verls_own_opd_runs_on_cpu_and_rollout_weights_follow_the_trainer(pair, 
 
 def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(pair, tmp_path):
     steps, ratio = 3, 0.05
-    result = run_verl(
-        "ta_opd_cpu",
-        [
-            *tiny_pair_overrides(pair),
-            f"trainer.total_training_steps={steps}",
-            "trainer.val_before_train=false",
-            "trainer.test_freq=-1",
-            f"distillation.distillation_loss.ta_opd.ratio={ratio}",
-            "distillation.distillation_loss.ta_opd.min_keep_per_sample=0",
-            "distillation.distillation_loss.ta_opd.loss=pg_k1",
-            "distillation.distillation_loss.use_policy_gradient=true",
-        ],
-        tmp_path,
-        timeout=VERL_TIMEOUT,
-    )
-    assert result.returncode == 0, result.log_path.read_text()[-4000:]
-    data = _step_data(result)
-    assert sorted(data) == list(range(1, steps + 1))
+    overrides = [
+        f"distillation.distillation_loss.ta_opd.ratio={ratio}",
+        "distillation.distillation_loss.ta_opd.min_keep_per_sample=0",
+        "distillation.distillation_loss.ta_opd.loss=pg_k1",
+        "distillation.distillation_loss.use_policy_gradient=true",
+    ]
+    data = _train("ta_opd_cpu", pair, steps, overrides, tmp_path)
     prefix = "actor/ta_opd/"
     for step, metrics in data.items():
         n_valid = metrics[prefix + "valid_positions"]
