@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 # Seconds-bounded unit tests first, then the end-to-end runs through verl's real trainer.
 PYTEST_ARGS ?=
 
-.PHONY: help setup test lint unit e2e demo bench compare lock clean
+.PHONY: help setup test lint unit e2e demo bench lock clean
 
 help:
 	@echo "make setup  - create .venv (Python 3.11) with the pinned CPU stack and this package"
@@ -49,9 +49,6 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m ta_opd_verl.bench scoring
-
-compare: setup
-	$(BIN)/ta-opd compare
 
 # Re-pin after changing dependencies: a fresh environment without constraints, then freeze it.
 lock:

@@ -40,8 +40,8 @@ class RunResult:
     returncode: int
     out_dir: Path
     wall_seconds: float
-    # Peak of the machine's used memory during the run minus its value at the start, sampled every 2 s:
-    # verl's processes (Ray, vLLM engines, FSDP workers) together, and whatever else ran meanwhile.
+    # Peak over the run (sampled every 2 s) of the summed resident memory of verl's whole process tree
+    # (driver, Ray, vLLM engines, FSDP workers). Shared pages count once per process: an upper bound.
     peak_memory_gib: float = 0.0
 
     @property
@@ -125,7 +125,7 @@ def run_verl(
         log.write(" ".join(command) + "\n")
         log.flush()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out_dir)
-        memory = _MemoryWatch()
+        memory = _MemoryWatch(process.pid)
         try:
             returncode = _wait_with_progress(process, metrics_path, started, timeout, progress, memory)
         finally:
@@ -153,15 +153,25 @@ def _total_steps(overrides: list[str]) -> int | None:
 
 
 class _MemoryWatch:
-    def __init__(self) -> None:
+    def __init__(self, pid: int) -> None:
         import psutil
 
-        self._read = lambda: psutil.virtual_memory().used
-        self._baseline = self._read()
+        self._psutil = psutil
+        self._root = psutil.Process(pid)
         self.peak_gib = 0.0
 
     def sample(self) -> None:
-        self.peak_gib = max(self.peak_gib, (self._read() - self._baseline) / 2**30)
+        total = 0
+        try:
+            processes = [self._root, *self._root.children(recursive=True)]
+        except self._psutil.Error:
+            return
+        for process in processes:
+            try:
+                total += process.memory_info().rss
+            except self._psutil.Error:
+                continue
+        self.peak_gib = max(self.peak_gib, total / 2**30)
 
 
 def _wait_with_progress(process, metrics_path: Path, started: float, timeout, progress: bool, memory) -> int:
