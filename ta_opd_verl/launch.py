@@ -136,10 +136,11 @@ def run_verl(
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
-    result = RunResult(returncode, out_dir, time.monotonic() - started)
+    result = RunResult(returncode, out_dir, time.monotonic() - started, memory.peak_gib)
     if progress:
         print(
-            f"[ta-opd] verl exited with {returncode} after {result.wall_seconds:.0f}s; log: {result.log_path}"
+            f"[ta-opd] verl exited with {returncode} after {result.wall_seconds:.0f}s, peak resident memory "
+            f"{result.peak_memory_gib:.1f} GiB; log: {result.log_path}"
         )
     return result
 
