@@ -40,8 +40,7 @@ class RunResult:
     returncode: int
     out_dir: Path
     wall_seconds: float
-    # Peak over the run (sampled every 2 s) of the summed resident memory of verl's whole process tree
-    # (driver, Ray, vLLM engines, FSDP workers). Shared pages count once per process: an upper bound.
+    # Peak memory the run added to the machine (see _MemoryWatch).
     peak_memory_gib: float = 0.0
 
     @property
@@ -125,7 +124,7 @@ def run_verl(
         log.write(" ".join(command) + "\n")
         log.flush()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out_dir)
-        memory = _MemoryWatch(process.pid)
+        memory = _MemoryWatch()
         try:
             returncode = _wait_with_progress(process, metrics_path, started, timeout, progress, memory)
         finally:
@@ -139,8 +138,8 @@ def run_verl(
     result = RunResult(returncode, out_dir, time.monotonic() - started, memory.peak_gib)
     if progress:
         print(
-            f"[ta-opd] verl exited with {returncode} after {result.wall_seconds:.0f}s, peak resident memory "
-            f"{result.peak_memory_gib:.1f} GiB; log: {result.log_path}"
+            f"[ta-opd] verl exited with {returncode} after {result.wall_seconds:.0f}s, peak memory "
+            f"+{result.peak_memory_gib:.1f} GiB; log: {result.log_path}"
         )
     return result
 
@@ -154,25 +153,19 @@ def _total_steps(overrides: list[str]) -> int | None:
 
 
 class _MemoryWatch:
-    def __init__(self, pid: int) -> None:
+    """The machine's used memory (``MemTotal - MemAvailable``) above its value at the start, sampled every
+    2 s: verl's whole process tree (Ray, vLLM engines, FSDP workers, shared memory) counted once, plus
+    whatever else runs meanwhile. Summed per-process RSS would count shared libraries once per process."""
+
+    def __init__(self) -> None:
         import psutil
 
-        self._psutil = psutil
-        self._root = psutil.Process(pid)
+        self._used = lambda: psutil.virtual_memory().total - psutil.virtual_memory().available
+        self._baseline = self._used()
         self.peak_gib = 0.0
 
     def sample(self) -> None:
-        total = 0
-        try:
-            processes = [self._root, *self._root.children(recursive=True)]
-        except self._psutil.Error:
-            return
-        for process in processes:
-            try:
-                total += process.memory_info().rss
-            except self._psutil.Error:
-                continue
-        self.peak_gib = max(self.peak_gib, total / 2**30)
+        self.peak_gib = max(self.peak_gib, (self._used() - self._baseline) / 2**30)
 
 
 def _wait_with_progress(process, metrics_path: Path, started: float, timeout, progress: bool, memory) -> int:

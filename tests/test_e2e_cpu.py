@@ -39,7 +39,7 @@ def _train(config: str, pair, steps: int, overrides: list[str], out_dir) -> dict
         timeout=VERL_TIMEOUT,
     )
     assert result.returncode == 0, result.log_path.read_text()[-4000:]
-    print(f"{config}: {steps} steps in {result.wall_seconds:.0f}s, peak RSS {result.peak_memory_gib:.1f} GiB")
+    print(f"{config}: {steps} steps, {result.wall_seconds:.0f}s, peak memory +{result.peak_memory_gib:.1f} GiB")
     data = {entry["step"]: entry["data"] for entry in result.metrics()}
     assert sorted(data) == list(range(1, steps + 1))
     return data
@@ -88,6 +88,20 @@ def test_verls_own_opd_runs_on_cpu_and_rollout_weights_follow_the_trainer(pair, 
     before = _fixed_batch_log_probs(pair.student, pair)
     after = _fixed_batch_log_probs(trained, pair)
     assert (after - before).abs().mean() > 0.05, "the policy did not change: the check above would be vacuous"
+
+
+def test_verls_supervised_top_k_opd_runs_on_cpu(pair, tmp_path):
+    overrides = [
+        "distillation.distillation_loss.loss_mode=forward_kl_topk",
+        "distillation.distillation_loss.use_policy_gradient=false",
+        "distillation.distillation_loss.topk=16",
+    ]
+    data = _train("opd_cpu", pair, 2, overrides, tmp_path)
+    for step, metrics in data.items():
+        assert math.isfinite(metrics["actor/distillation/loss"]), step
+        # verl's top-k processor ran: the teacher's top-16 mass and the student's mass on those ids.
+        assert 0.5 < metrics["actor/distillation/teacher_mass"] <= 1.0 + 1e-5, step
+        assert 0.0 < metrics["actor/distillation/student_mass"] <= 1.0 + 1e-5, step
 
 
 def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(pair, tmp_path):
