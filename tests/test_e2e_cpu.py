@@ -39,7 +39,9 @@ def _train(config: str, pair, steps: int, overrides: list[str], out_dir) -> dict
         timeout=VERL_TIMEOUT,
     )
     assert result.returncode == 0, result.log_path.read_text()[-4000:]
-    print(f"{config}: {steps} steps, {result.wall_seconds:.0f}s, peak memory +{result.peak_memory_gib:.1f} GiB")
+    print(
+        f"{config}: {steps} steps, {result.wall_seconds:.0f}s, peak memory +{result.peak_memory_gib:.1f} GiB"
+    )
     data = {entry["step"]: entry["data"] for entry in result.metrics()}
     assert sorted(data) == list(range(1, steps + 1))
     return data
