@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -142,14 +141,6 @@ def run_verl(
             f"+{result.peak_memory_gib:.1f} GiB; log: {result.log_path}"
         )
     return result
-
-
-def _total_steps(overrides: list[str]) -> int | None:
-    for override in overrides:
-        match = re.fullmatch(r"\+?trainer\.total_training_steps=(\d+)", override)
-        if match:
-            return int(match.group(1))
-    return None
 
 
 class _MemoryWatch:
