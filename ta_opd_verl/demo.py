@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from ta_opd_verl.launch import RunResult, run_verl, tiny_pair_overrides
+from ta_opd_verl.launch import RunResult, run_verl, tiny_pair_overrides, validation_accuracy
 
 # The demo's settings (docs/benchmarks.md has what they reached): 32 prompts per step, one sample each,
 # four PPO mini-batches per step, the supervised top-K reverse KL on a 5% selection plus one position per
@@ -48,15 +48,11 @@ def demo_overrides(steps: int, lr: float, seed: int, test_freq: int) -> list[str
     ]
 
 
-def _accuracy(data: dict) -> float | None:
-    values = [v for k, v in data.items() if k.startswith("val-core/") and "/acc/" in k]
-    return float(values[0]) if values else None
-
-
 def build_report(result: RunResult, pair_manifest: dict, seed: int) -> dict:
     """The demo's numbers from verl's JSONL metrics (validation at step 0 is the starting accuracy)."""
     entries = result.metrics()
-    accuracy = {e["step"]: _accuracy(e["data"]) for e in entries if _accuracy(e["data"]) is not None}
+    by_step = {e["step"]: validation_accuracy(e["data"]) for e in entries}
+    accuracy = {step: value for step, value in by_step.items() if value is not None}
     kept = [
         e["data"]["actor/ta_opd/kept_fraction"] for e in entries if "actor/ta_opd/kept_fraction" in e["data"]
     ]

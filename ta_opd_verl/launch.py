@@ -82,7 +82,8 @@ def cpu_environment() -> dict[str, str]:
     return env
 
 
-def _val_accuracy(data: dict) -> float | None:
+def validation_accuracy(data: dict) -> float | None:
+    """verl's validation accuracy in one step's metrics (``val-core/<data_source>/acc/...``), if present."""
     for key, value in data.items():
         if key.startswith(VAL_ACCURACY_PREFIX) and "/acc/" in key:
             return float(value)
@@ -177,7 +178,7 @@ def _wait_with_progress(process, metrics_path: Path, started: float, timeout, pr
             elapsed = time.monotonic() - started
             if step and first_step_at is None:
                 first_step_at = (step, elapsed)
-            accuracy = _val_accuracy(data)
+            accuracy = validation_accuracy(data)
             parts = [f"[ta-opd] step {step}", f"{elapsed:.0f}s"]
             if first_step_at and step and step > first_step_at[0]:
                 per_step = (elapsed - first_step_at[1]) / (step - first_step_at[0])

@@ -94,7 +94,8 @@ def masked_aggregate(
     return sample_means.sum() / max(global_batch_size, 1) * dp_size
 
 
-def _padded(tensor: torch.Tensor, fill: float | bool) -> torch.Tensor:
+def padded(tensor: torch.Tensor, fill: float | bool) -> torch.Tensor:
+    """A nested (jagged) tensor as a padded one; a dense tensor as it is."""
     return tensor.to_padded_tensor(fill) if tensor.is_nested else tensor
 
 
@@ -159,8 +160,8 @@ class TAOPDLossFunction:
         from verl.trainer.ppo.core_algos import get_policy_loss_fn, kl_penalty
         from verl.workers.utils.padding import no_padding_2_padding
 
-        selected = _padded(data["loss_mask"], False).bool()
-        response_mask = _padded(data["response_mask"], False).bool()
+        selected = padded(data["loss_mask"], False).bool()
+        response_mask = padded(data["response_mask"], False).bool()
         selected = selected & response_mask
         batch_info = {
             "dp_size": data["dp_size"],
@@ -196,7 +197,7 @@ class TAOPDLossFunction:
             per_token = per_token.clamp(
                 min=-self.loss_config.loss_max_clamp, max=self.loss_config.loss_max_clamp
             )
-        old_log_prob = _padded(data["old_log_probs"], 0.0)
+        old_log_prob = padded(data["old_log_probs"], 0.0)
         for key, value in batch_info.items():
             self.loss_config.global_batch_info[key] = value
         policy_loss_fn = get_policy_loss_fn(self.loss_config.policy_loss_mode)

@@ -37,6 +37,7 @@ from ta_opd_verl.loss import (
     TOPK_ENTROPY_FIELD,
     TRAIN_PHASE,
     TAOPDLossFunction,
+    padded,
     split_teacher_entries,
 )
 from ta_opd_verl.teachability import TokenStatistics
@@ -45,10 +46,6 @@ from ta_opd_verl.teacher_server import install_teacher_server
 logger = logging.getLogger("ta_opd_verl")
 
 TRAINER_MODE = "ta_opd"
-
-
-def _padded(nested: torch.Tensor, fill) -> torch.Tensor:
-    return nested.to_padded_tensor(fill) if nested.is_nested else nested
 
 
 @register_trainer(TRAINER_MODE)
@@ -131,20 +128,20 @@ class TAOPDTrainer(PPOTrainerSync):
         fields += ["teacher_logprobs", "teacher_ids"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask = data["response_mask"]
-        valid = _padded(response_mask, 0).bool()
+        valid = padded(response_mask, 0).bool()
         not_padding = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])
         valid &= not_padding.unsqueeze(1)
         stats = TokenStatistics(
-            disagreement=_padded(data[DISAGREEMENT_FIELD], 0.0).float(),
-            compatibility=_padded(data[COMPATIBILITY_FIELD], 0.0).float(),
-            entropy=_padded(data[entropy_field], 0.0).float(),
+            disagreement=padded(data[DISAGREEMENT_FIELD], 0.0).float(),
+            compatibility=padded(data[COMPATIBILITY_FIELD], 0.0).float(),
+            entropy=padded(data[entropy_field], 0.0).float(),
         )
         topk = self.distillation_config.distillation_loss.topk
-        teacher_logprobs = _padded(response_from_nested(data["teacher_logprobs"], response_mask), 0.0)
-        teacher_ids = _padded(response_from_nested(data["teacher_ids"], response_mask), 0)
+        teacher_logprobs = padded(response_from_nested(data["teacher_logprobs"], response_mask), 0.0)
+        teacher_ids = padded(response_from_nested(data["teacher_ids"], response_mask), 0)
         top_ids, _, teacher_sampled = split_teacher_entries(teacher_ids, teacher_logprobs, topk)
         outside_top_k = ~(top_ids == teacher_ids[..., topk:]).any(-1)
-        sampled_kl = _padded(data["old_log_probs"], 0.0).float() - teacher_sampled.float()
+        sampled_kl = padded(data["old_log_probs"], 0.0).float() - teacher_sampled.float()
         settings = self.ta_opd
         mask, selection_metrics = select_rollout_batch(
             stats,
