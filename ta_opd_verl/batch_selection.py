@@ -3,6 +3,8 @@ step's metrics out. Torch only (no verl), so the rule is testable without Ray.""
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from ta_opd_verl.teachability import TokenStatistics, batch_normalize, masked_quantiles, select_positions
@@ -15,9 +17,22 @@ def step_generator(seed: int, global_step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + global_step)
 
 
+def stable_sample_ids(keys: list[str], prompt_ids: list[list[int]]) -> list[str]:
+    """Per-sample ids that depend only on the data: a digest of the prompt's token ids plus the rollout's
+    session and output index from verl's TransferQueue key ``{uid}_{session}_{index}``. verl draws ``uid``
+    with ``uuid4`` afresh in every run, so the key alone would reorder ties after a resume."""
+    ids = []
+    for key, prompt in zip(keys, prompt_ids, strict=True):
+        parts = key.rsplit("_", 2)
+        rollout = "_".join(parts[1:]) if len(parts) == 3 else key
+        digest = hashlib.sha1(",".join(map(str, prompt)).encode()).hexdigest()[:16]
+        ids.append(f"{digest}_{rollout}")
+    return ids
+
+
 def stable_sample_order(sample_ids: list[str]) -> list[int]:
-    """Row indices sorted by the samples' stable ids (verl's TransferQueue keys `uid_session_index`), so the
-    tie rule "lower sample index first" does not depend on batch balancing's reordering."""
+    """Row indices sorted by the samples' stable ids (`stable_sample_ids`), so the tie rule "lower sample
+    index first" depends neither on batch balancing's reordering nor on verl's per-run uids."""
     return sorted(range(len(sample_ids)), key=lambda row: sample_ids[row])
 
 
@@ -92,3 +107,32 @@ def selection_metrics(
             q05, q50, q95 = masked_quantiles(named[name], valid, (0.05, 0.5, 0.95))
             metrics[f"{name}_q05"], metrics[f"{name}_q50"], metrics[f"{name}_q95"] = q05, q50, q95
     return {METRIC_PREFIX + key: value for key, value in metrics.items()}
+
+
+def selection_records(
+    sample_ids: list[str],
+    response_ids: list[list[int]],
+    stats: TokenStatistics,
+    valid: torch.Tensor,
+    mask: torch.Tensor,
+) -> list[dict]:
+    """One JSON-ready record per sample (in stable-id order): its response token ids, the selected
+    positions, and D, C, H at every valid position (float32 values, exact in JSON), for
+    `ta_opd.selection_dump_dir`."""
+    records = []
+    for row in stable_sample_order(sample_ids):
+        length = int(valid[row].sum())
+        if not length:  # a padding row added by verl's batch balancing
+            continue
+        records.append(
+            {
+                "sample_id": sample_ids[row],
+                "response_ids": response_ids[row][:length],
+                "selected": torch.nonzero(mask[row] & valid[row]).flatten().tolist(),
+                **{
+                    name: values[row, :length].tolist()
+                    for name, values in zip(("disagreement", "compatibility", "entropy"), stats, strict=True)
+                },
+            }
+        )
+    return records

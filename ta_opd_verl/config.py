@@ -89,6 +89,9 @@ class TAOPDConfig(BaseConfig):
         `seq-mean-token-mean`.
     seed (int):
         Seed of the random selectors (`random`, `q3`); combined with the step so each step differs.
+    selection_dump_dir (str | None):
+        When set, the driver writes `step_<N>.jsonl` there every step: per sample its stable id, response
+        token ids, selected positions and D, C, H per position (to inspect what TA-OPD trains on).
     """
 
     selector: str = "teachability"
@@ -103,6 +106,7 @@ class TAOPDConfig(BaseConfig):
     loss: str = "pg_k1"
     aggregation: str = "token-mean"
     seed: int = 0
+    selection_dump_dir: str | None = None
 
     def __post_init__(self):
         for key, choices in (
@@ -130,6 +134,8 @@ class TAOPDConfig(BaseConfig):
             _reject("q_low", f"smaller than {TA_OPD_KEY}.q_high ({self.q_high})", self.q_low)
         if not _is_int(self.seed):
             _reject("seed", "an integer", self.seed)
+        if self.selection_dump_dir is not None and not isinstance(self.selection_dump_dir, str):
+            _reject("selection_dump_dir", "a folder path or null", self.selection_dump_dir)
 
 
 @dataclass

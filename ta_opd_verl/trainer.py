@@ -15,7 +15,9 @@ several places (replay buffer, parameter sync); this class behaves as the sync t
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 import transfer_queue as tq
@@ -27,7 +29,7 @@ from verl.utils.metric import reduce_metrics
 from verl.utils.py_functional import rename_dict
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
-from ta_opd_verl.batch_selection import select_rollout_batch
+from ta_opd_verl.batch_selection import select_rollout_batch, selection_records, stable_sample_ids
 from ta_opd_verl.checks import check_ta_opd_config
 from ta_opd_verl.loss import (
     COMPATIBILITY_FIELD,
@@ -125,7 +127,7 @@ class TAOPDTrainer(PPOTrainerSync):
     def _select(self, batch, metrics):
         entropy_field = TOPK_ENTROPY_FIELD if self.ta_opd.entropy_mode == "topk" else "entropy"
         fields = ["response_mask", entropy_field, DISAGREEMENT_FIELD, COMPATIBILITY_FIELD, "old_log_probs"]
-        fields += ["teacher_logprobs", "teacher_ids"]
+        fields += ["teacher_logprobs", "teacher_ids", "prompts", "responses"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask = data["response_mask"]
         valid = padded(response_mask, 0).bool()
@@ -143,10 +145,11 @@ class TAOPDTrainer(PPOTrainerSync):
         outside_top_k = ~(top_ids == teacher_ids[..., topk:]).any(-1)
         sampled_kl = padded(data["old_log_probs"], 0.0).float() - teacher_sampled.float()
         settings = self.ta_opd
+        sample_ids = stable_sample_ids(list(batch.keys), [row.tolist() for row in data["prompts"].unbind()])
         mask, selection_metrics = select_rollout_batch(
             stats,
             valid,
-            list(batch.keys),
+            sample_ids,
             selector=settings.selector,
             ratio=settings.ratio,
             min_keep_per_sample=settings.min_keep_per_sample,
@@ -161,9 +164,18 @@ class TAOPDTrainer(PPOTrainerSync):
         # server would have dropped the teacher's log-prob; ours keeps it.
         metrics["actor/ta_opd/sampled_outside_teacher_topk"] = float(outside_top_k[valid].float().mean())
         metrics["actor/ta_opd/compatibility_is_lower_bound"] = float(settings.compatibility == "lower_bound")
+        if settings.selection_dump_dir:
+            responses = [row.tolist() for row in data["responses"].unbind()]
+            self._dump_selection(selection_records(sample_ids, responses, stats, valid, mask))
         loss_mask = response_to_nested(mask.to(torch.int64), response_mask)
         fields = TensorDict({"loss_mask": loss_mask}, batch_size=len(batch.keys))
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+    def _dump_selection(self, records: list[dict]) -> None:
+        folder = Path(self.ta_opd.selection_dump_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"step_{self.global_steps}.jsonl", "w") as out:
+            out.writelines(json.dumps(record) + "\n" for record in records)
 
     def _update_actor(self, batch, metrics):
         self._select(batch, metrics)

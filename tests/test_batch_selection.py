@@ -6,7 +6,12 @@ import math
 
 import torch
 
-from ta_opd_verl.batch_selection import select_rollout_batch, stable_sample_order
+from ta_opd_verl.batch_selection import (
+    select_rollout_batch,
+    selection_records,
+    stable_sample_ids,
+    stable_sample_order,
+)
 from ta_opd_verl.teachability import TokenStatistics
 
 SETTINGS = dict(min_keep_per_sample=0, q_low=0.05, q_high=0.95, seed=3, global_step=1)
@@ -41,6 +46,30 @@ def test_tie_rule_follows_stable_ids_not_the_balanced_row_order():
     # Every score ties: earliest position first, then the lowest stable id: samples "a" and "b" at t = 0.
     assert mask.nonzero().tolist() == [[1, 0], [3, 0]]
     assert stable_sample_order(ids) == [1, 3, 0, 2]
+
+
+def test_stable_ids_survive_a_new_uid_but_tell_prompts_and_rollouts_apart():
+    prompts = [[5, 6, 7], [5, 6, 7], [9]]
+    first_run = stable_sample_ids(["u1_0_0", "u1_0_1", "u2_0_0"], prompts)
+    # A resumed run draws new uuid4 uids for the same prompts; verl's batch balancing may reorder rows.
+    resumed = stable_sample_ids(["zz_0_1", "yy_0_0", "xx_0_0"], [prompts[1], prompts[0], prompts[2]])
+    assert resumed == [first_run[1], first_run[0], first_run[2]]
+    assert len(set(first_run)) == 3
+    assert first_run[0].endswith("_0_0") and first_run[1].endswith("_0_1")
+
+
+def test_selection_records_list_each_real_samples_selection_and_scores():
+    stats = _stats(3, 4)
+    valid = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # row 1: padding
+    mask = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    records = selection_records(
+        ["b", "p", "a"], [[11, 12, 13, 0], [0] * 4, [21, 22, 23, 24]], stats, valid, mask
+    )
+    assert [r["sample_id"] for r in records] == ["a", "b"]
+    assert records[0]["selected"] == [0, 3] and records[1]["selected"] == [1]  # invalid positions dropped
+    assert records[1]["response_ids"] == [11, 12, 13]
+    assert torch.equal(torch.tensor(records[1]["disagreement"]), stats.disagreement[0, :3])
+    assert len(records[0]["entropy"]) == 4
 
 
 def test_same_step_and_seed_give_the_same_random_selection():

@@ -60,6 +60,7 @@ def test_config_is_frozen_and_dict_like():
         ({"loss": "k3"}, "loss", "reverse_kl_topk"),
         ({"aggregation": "seq-sum"}, "aggregation", "seq-mean-token-mean"),
         ({"seed": "zero"}, "seed", "integer"),
+        ({"selection_dump_dir": 3}, "selection_dump_dir", "folder path or null"),
     ],
 )
 def test_invalid_ta_opd_values_are_rejected_with_the_full_key(kwargs, key, accepted):

@@ -5,12 +5,16 @@ Each test is one verl start-up (about 1.5 minutes on a quiet 2-core machine) plu
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from ta_opd_verl.launch import run_verl, tiny_pair_overrides
+from ta_opd_verl.teachability import TokenStatistics, select_positions
 from ta_opd_verl.tiny.build import build_tiny_pair
 
 pytestmark = pytest.mark.e2e
@@ -24,8 +28,10 @@ def pair():
     return build_tiny_pair()
 
 
-def _train(config: str, pair, steps: int, overrides: list[str], out_dir) -> dict[int, dict]:
-    """Run verl's trainer for ``steps`` steps without validation; the JSONL metrics by step."""
+def _train(
+    config: str, pair, steps: int, overrides: list[str], out_dir, first_step: int = 1
+) -> dict[int, dict]:
+    """Run verl's trainer up to step ``steps`` without validation; the JSONL metrics by step."""
     result = run_verl(
         config,
         [
@@ -43,7 +49,7 @@ def _train(config: str, pair, steps: int, overrides: list[str], out_dir) -> dict
         f"{config}: {steps} steps, {result.wall_seconds:.0f}s, peak memory +{result.peak_memory_gib:.1f} GiB"
     )
     data = {entry["step"]: entry["data"] for entry in result.metrics()}
-    assert sorted(data) == list(range(1, steps + 1))
+    assert sorted(data) == list(range(first_step, steps + 1))
     return data
 
 
@@ -106,19 +112,54 @@ def test_verls_supervised_top_k_opd_runs_on_cpu(pair, tmp_path):
         assert 0.0 < metrics["actor/distillation/student_mass"] <= 1.0 + 1e-5, step
 
 
-def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(pair, tmp_path):
-    steps, ratio = 3, 0.05
-    overrides = [
-        f"distillation.distillation_loss.ta_opd.ratio={ratio}",
+TA_OPD_STEPS, TA_OPD_RATIO = 3, 0.05
+
+
+def _ta_opd_overrides(out_dir) -> list[str]:
+    return [
+        f"distillation.distillation_loss.ta_opd.ratio={TA_OPD_RATIO}",
         "distillation.distillation_loss.ta_opd.min_keep_per_sample=0",
         "distillation.distillation_loss.ta_opd.loss=pg_k1",
         "distillation.distillation_loss.use_policy_gradient=true",
+        f"distillation.distillation_loss.ta_opd.selection_dump_dir={out_dir / 'selection'}",
     ]
-    data = _train("ta_opd_cpu", pair, steps, overrides, tmp_path)
+
+
+# The resume test compares two runs' step 3, so their rollouts should follow from the weights: one sample
+# per prompt, drawn with top-k = 1. (verl's `rollout.full_determinism` cannot be used: in the v1 trainer
+# every request gets the vLLM request id "det-0", and the colliding requests fail.)
+REPRODUCIBLE_ROLLOUTS = ["actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.top_k=1"]
+
+
+def _selection(out_dir, step: int) -> list[dict]:
+    path = out_dir / "selection" / f"step_{step}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _recomputed_mask(records: list[dict]) -> list[list[int]]:
+    """The global top-n of teachability over the dumped D, C, H of the whole batch, computed here."""
+    length = max(len(r["disagreement"]) for r in records)
+    fields = {
+        name: torch.zeros(len(records), length) for name in ("disagreement", "compatibility", "entropy")
+    }
+    valid = torch.zeros(len(records), length, dtype=torch.bool)
+    for row, record in enumerate(records):
+        n = len(record["disagreement"])
+        valid[row, :n] = True
+        for name, values in fields.items():
+            values[row, :n] = torch.tensor(record[name])
+    stats = TokenStatistics(fields["disagreement"], fields["compatibility"], fields["entropy"])
+    mask = select_positions("teachability", stats, valid, TA_OPD_RATIO)
+    return [torch.nonzero(row).flatten().tolist() for row in mask]
+
+
+def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(pair, tmp_path):
+    out_dir = tmp_path
+    data = _train("ta_opd_cpu", pair, TA_OPD_STEPS, _ta_opd_overrides(out_dir), out_dir)
     prefix = "actor/ta_opd/"
     for step, metrics in data.items():
         n_valid = metrics[prefix + "valid_positions"]
-        assert metrics[prefix + "kept_positions"] == math.ceil(ratio * n_valid), step
+        assert metrics[prefix + "kept_positions"] == math.ceil(TA_OPD_RATIO * n_valid), step
         assert math.isfinite(metrics["actor/distillation/loss"]), step
         assert metrics[PEARSON] > 0.99, step
         # The teacher's log-prob of sampled tokens outside its top-16 reached the loss (none was dropped).
@@ -129,3 +170,47 @@ def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(pair, 
         assert (
             metrics[prefix + "teachability_selected_mean"] >= metrics[prefix + "teachability_unselected_mean"]
         )
+        # The mask the actor trained on is the global top-n of the whole batch, recomputed here from the
+        # dumped scores (rows in stable-id order, the order of the tie rule).
+        records = _selection(out_dir, step)
+        assert sum(len(r["disagreement"]) for r in records) == n_valid
+        assert [r["selected"] for r in records] == _recomputed_mask(records), step
+
+
+def test_a_run_resumed_after_step_2_trains_step_3_like_the_uninterrupted_run(pair, tmp_path):
+    # The uninterrupted run saves checkpoints at steps 2 and 3 (the last step is always saved).
+    full_dir = tmp_path / "uninterrupted"
+    overrides = [*_ta_opd_overrides(full_dir), *REPRODUCIBLE_ROLLOUTS, "trainer.save_freq=2"]
+    _train("ta_opd_cpu", pair, TA_OPD_STEPS, overrides, full_dir)
+    # "Stop after step 2": a fresh run folder holding only the step-2 checkpoint of that run; verl's
+    # default trainer.resume_mode=auto resumes from it.
+    resumed_dir = tmp_path / "resumed"
+    checkpoints = resumed_dir / "checkpoints"
+    shutil.copytree(full_dir / "checkpoints" / "global_step_2", checkpoints / "global_step_2")
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("2")
+    overrides = [*_ta_opd_overrides(resumed_dir), *REPRODUCIBLE_ROLLOUTS, "trainer.save_freq=2"]
+    resumed = _train("ta_opd_cpu", pair, TA_OPD_STEPS, overrides, resumed_dir, first_step=3)
+    assert resumed[3]["actor/ta_opd/kept_positions"] == math.ceil(
+        TA_OPD_RATIO * resumed[3]["actor/ta_opd/valid_positions"]
+    )
+    expected, got = _selection(full_dir, 3), _selection(resumed_dir, 3)
+    # Data position: the step-3 prompts (the stable ids digest them) in the same rollout slots.
+    assert [r["sample_id"] for r in got] == [r["sample_id"] for r in expected]
+    # Weights: wherever the restored student sampled the same response, it scored it the same way. (vLLM-
+    # CPU is not bit-reproducible across runs even at top-k = 1: about half the responses differ by a
+    # token or two, so the batches are compared sample by sample.)
+    same = [(a, b) for a, b in zip(expected, got, strict=True) if a["response_ids"] == b["response_ids"]]
+    assert same, "no step-3 response was reproduced: the resumed rollout did not get the restored weights"
+    for name in ("disagreement", "compatibility", "entropy"):
+        for a, b in same:
+            torch.testing.assert_close(torch.tensor(b[name]), torch.tensor(a[name]), rtol=1e-5, atol=1e-6)
+    # Selection: the rule depends only on the stable ids and the scores, so on the same batch both runs
+    # select the same positions; the resumed run's mask is that rule applied to its batch.
+    assert [r["selected"] for r in got] == _recomputed_mask(got)
+    # Optimizer and scheduler: restored, so after step 3 both runs have taken the same number of steps.
+    actor = Path("checkpoints/global_step_3/actor")
+    for run_dir in (full_dir, resumed_dir):
+        optim = torch.load(run_dir / actor / "optim_world_size_1_rank_0.pt", weights_only=False)
+        extra = torch.load(run_dir / actor / "extra_state_world_size_1_rank_0.pt", weights_only=False)
+        assert {float(state["step"]) for state in optim["state"].values()} == {float(TA_OPD_STEPS)}
+        assert extra["lr_scheduler"]["last_epoch"] == TA_OPD_STEPS
