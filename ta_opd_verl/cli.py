@@ -13,9 +13,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "ta_opd_verl.tiny.build",
         "build (or reuse) the tiny CPU teacher/student pair and its data",
     ),
+    "diagnose": (
+        "ta_opd_verl.diagnose.main",
+        "the paper's fixed-context diagnostic: which score predicts the gain (report in outputs/diagnose)",
+    ),
+    "compare": (
+        "ta_opd_verl.compare",
+        "benchmark: selectors and budgets through verl on the tiny pair (table and plot in outputs/compare)",
+    ),
     "demo": (
         "ta_opd_verl.demo",
         "TA-OPD on the tiny pair through verl's trainer; report and plot in outputs/demo",
+    ),
+    "prepare-data": (
+        "ta_opd_verl.data_prep",
+        "DAPO-Math-17k or GSM8K (a downloaded copy, or --download) as verl parquet files",
     ),
     "train": ("ta_opd_verl.launch", "run verl's trainer with TA-OPD (on CPU: on the tiny pair)"),
 }
