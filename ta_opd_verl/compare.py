@@ -86,9 +86,11 @@ def comparison_plan(
     budgets: Sequence[float] = BUDGET_RATIOS,
     ratio: float = MAIN_RATIO,
 ) -> list[PlannedRun]:
-    """Every selector at ``ratio`` for seeds 0..seeds-1, then `teachability` at each budget with seed 0."""
-    plan = [PlannedRun(selector, ratio, seed) for selector in selectors for seed in range(seeds)]
+    """Every selector at ``ratio`` with seed 0, then the budgets of `teachability` (seed 0), then the
+    other seeds: seed-major, so an interrupted comparison already has one run of every configuration."""
+    plan = [PlannedRun(selector, ratio, 0) for selector in selectors]
     plan += [PlannedRun(BUDGET_SELECTOR, budget, 0) for budget in budgets if budget != ratio]
+    plan += [PlannedRun(selector, ratio, seed) for seed in range(1, seeds) for selector in selectors]
     return plan
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "select_budget",
     "select_positions",
     "selector_scores",
+    "teacher_entries",
     "token_statistics",
 ]
 
@@ -296,6 +297,34 @@ def _kth_smallest_pair(values: torch.Tensor, rank: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
+def teacher_entries(
+    teacher_logits: torch.Tensor,
+    student_topk_ids: torch.Tensor,
+    sampled_ids: torch.Tensor,
+    teacher_topk: int,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything TA-OPD needs from a teacher that sees its full logits (the colocated-teacher design):
+    from ``[N, V]`` teacher logits, the teacher's top-K ids and log-probs ``[N, K]`` (the entries a teacher
+    server returns), its log-probs at the student's top-k ids ``[N, k]`` (exact C, Eq. 10, via
+    `token_statistics(teacher_logprobs_at_student_topk=...)`) and at the sampled token ``[N]`` (the pg_k1
+    advantage). float32 log-softmax, ``chunk_rows`` rows at a time, so the working memory stays one
+    ``[chunk_rows, V]`` float32 block whatever N."""
+    rows = teacher_logits.shape[0]
+    device = teacher_logits.device
+    top_ids = torch.empty(rows, teacher_topk, dtype=torch.long, device=device)
+    top_logprobs = torch.empty(rows, teacher_topk, dtype=torch.float32, device=device)
+    at_student_topk = torch.empty(student_topk_ids.shape, dtype=torch.float32, device=device)
+    at_sampled = torch.empty(rows, dtype=torch.float32, device=device)
+    for start in range(0, rows, chunk_rows):
+        block = slice(start, start + chunk_rows)
+        log_probs = torch.log_softmax(teacher_logits[block], dim=-1, dtype=torch.float32)
+        top_logprobs[block], top_ids[block] = torch.topk(log_probs, teacher_topk, dim=-1)
+        at_student_topk[block] = torch.gather(log_probs, -1, student_topk_ids[block])
+        at_sampled[block] = torch.gather(log_probs, -1, sampled_ids[block].unsqueeze(-1)).squeeze(-1)
+    return top_ids, top_logprobs, at_student_topk, at_sampled
+
+
 def masked_quantiles(values: torch.Tensor, valid: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
     """Quantiles of `values[valid]` with linear interpolation (the `torch.quantile` definition).
 

@@ -108,6 +108,8 @@ def test_the_plan_is_six_selectors_times_three_seeds_plus_four_budgets():
     assert all(
         sorted(r.seed for r in at_main if r.selector == s) == [0, 1, 2] for s in {r.selector for r in at_main}
     )
+    # Seed-major: the first ten runs are one of each configuration.
+    assert len({(run.selector, run.ratio) for run in plan[:10]}) == 10
     budgets = [run for run in plan if run.ratio != 0.05]
     assert [(run.selector, run.ratio, run.seed) for run in budgets] == [
         ("teachability", ratio, 0) for ratio in (0.01, 0.03, 0.10, 0.20)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ta_opd_verl import teachability
-from ta_opd_verl.teachability import TokenStatistics, token_statistics
+from ta_opd_verl.teachability import TokenStatistics, teacher_entries, token_statistics
 
 NEG_INF = float("-inf")
 
@@ -313,3 +313,27 @@ def test_default_blocks_and_sub_blocks_match_reference(monkeypatch, dtype):
     whole = token_statistics(logits, ids, lps, k=5, chunk_size=30)
     for a, b in zip(stats, whole, strict=True):
         assert torch.equal(a, b)
+
+
+def test_teacher_entries_equal_a_full_softmax_of_the_teacher_for_any_chunking():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(11, 50, generator=generator).to(torch.bfloat16)
+    student_logits = torch.randn(11, 50, generator=generator)
+    student_topk_ids = student_logits.topk(4, dim=-1).indices
+    sampled_ids = torch.randint(0, 50, (11,), generator=generator)
+    probs = torch.softmax(logits.double(), dim=-1)  # the reference: the teacher's whole distribution
+    for chunk_rows in (1, 4, 11, 64):
+        top_ids, top_logprobs, at_student, at_sampled = teacher_entries(
+            logits, student_topk_ids, sampled_ids, teacher_topk=6, chunk_rows=chunk_rows
+        )
+        torch.testing.assert_close(top_logprobs.double(), probs.log().topk(6, dim=-1).values)
+        torch.testing.assert_close(top_logprobs.double(), probs.log().gather(-1, top_ids))
+        torch.testing.assert_close(at_student.double(), probs.log().gather(-1, student_topk_ids))
+        torch.testing.assert_close(at_sampled.double(), probs[torch.arange(11), sampled_ids].log())
+        # Exact C (Eq. 10): the teacher's mass on the student's top-k, from these entries.
+        exact = token_statistics(
+            student_logits, top_ids, top_logprobs, k=4, teacher_logprobs_at_student_topk=at_student
+        )
+        torch.testing.assert_close(
+            exact.compatibility.double(), probs.gather(-1, student_topk_ids).sum(-1), rtol=1e-5, atol=1e-6
+        )

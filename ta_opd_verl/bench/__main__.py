@@ -3,12 +3,13 @@
 Commands:
     python -m ta_opd_verl.bench scoring                 # full size (V = 151,669), several minutes
     python -m ta_opd_verl.bench scoring --n 64 --v 1000 --k 4 --repeats 1   # smoke run, seconds
+    python -m ta_opd_verl.bench onpolicy --selector full teachability --seeds 0 1   # tiny pair, minutes
 """
 
 import argparse
 import sys
 
-from ta_opd_verl.bench import scoring
+from ta_opd_verl.bench import onpolicy, scoring
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,9 +20,16 @@ def main(argv: list[str] | None = None) -> int:
             "scoring", help="token_statistics vs verl's top-k processor: time and peak memory"
         )
     )
+    onpolicy.add_arguments(
+        commands.add_parser(
+            "onpolicy", help="on-policy TA-OPD on the tiny pair in plain PyTorch: accuracy vs step"
+        )
+    )
     args = parser.parse_args(argv)
     if args.command == "scoring":
         scoring.run(args)
+    elif args.command == "onpolicy":
+        onpolicy.run(args)
     return 0
 
 

@@ -41,7 +41,7 @@ import torch
 
 # The repository root, so `ta_opd_verl.teachability` (torch only) imports without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from ta_opd_verl.teachability import token_statistics  # noqa: E402
+from ta_opd_verl.teachability import teacher_entries, token_statistics  # noqa: E402
 
 REPORT_NAME = "gpu_check.json"
 QWEN3_VOCAB = 151_669  # tokens of the Qwen2/2.5/3 tokenizer
@@ -112,31 +112,6 @@ def _default_dtype(dtype: torch.dtype):
 
 
 @torch.inference_mode()
-def teacher_gathers(
-    teacher_logits: torch.Tensor,
-    student_topk_ids: torch.Tensor,
-    sampled_ids: torch.Tensor,
-    teacher_topk: int,
-    chunk_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From ``[N, V]`` teacher logits: the teacher's top-K ids and log-probs ``[N, K]``, its log-probs at
-    the student's top-k ids ``[N, k]`` and at the sampled token ``[N]``. float32 log-softmax, ``chunk_rows``
-    rows at a time, so the working memory stays one ``[chunk_rows, V]`` float32 block."""
-    rows = teacher_logits.shape[0]
-    device = teacher_logits.device
-    top_ids = torch.empty(rows, teacher_topk, dtype=torch.long, device=device)
-    top_logprobs = torch.empty(rows, teacher_topk, dtype=torch.float32, device=device)
-    at_student_topk = torch.empty(student_topk_ids.shape, dtype=torch.float32, device=device)
-    at_sampled = torch.empty(rows, dtype=torch.float32, device=device)
-    for start in range(0, rows, chunk_rows):
-        block = slice(start, start + chunk_rows)
-        log_probs = torch.log_softmax(teacher_logits[block], dim=-1, dtype=torch.float32)
-        top_logprobs[block], top_ids[block] = torch.topk(log_probs, teacher_topk, dim=-1)
-        at_student_topk[block] = torch.gather(log_probs, -1, student_topk_ids[block])
-        at_sampled[block] = torch.gather(log_probs, -1, sampled_ids[block].unsqueeze(-1)).squeeze(-1)
-    return top_ids, top_logprobs, at_student_topk, at_sampled
-
-
 class PhaseTimer:
     """Wall time and peak device memory of named phases; CUDA work is synchronised at both ends."""
 
@@ -192,7 +167,7 @@ def measure(args: argparse.Namespace) -> dict:
             with timer.phase("teacher_forward"):
                 teacher_logits = teacher(input_ids=context).logits.reshape(tokens, args.vocab)
             with timer.phase("teacher_gathers"):
-                top_ids, top_logprobs, at_student_topk, at_sampled = teacher_gathers(
+                top_ids, top_logprobs, at_student_topk, at_sampled = teacher_entries(
                     teacher_logits, student_topk_ids, sampled_ids, args.teacher_topk, args.chunk_rows
                 )
             del teacher_logits

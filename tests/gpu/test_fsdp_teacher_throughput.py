@@ -107,23 +107,6 @@ def test_tiny_run_on_cpu_without_verl_ray_or_vllm_writes_the_report(tmp_path):
     assert report["student"]["shape"] == "tiny-student" and report["teacher"]["shape"] == "tiny-teacher"
 
 
-def test_teacher_gathers_equal_a_whole_log_softmax_for_any_chunking():
-    script = _load_script()
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(11, 50, generator=generator).to(torch.bfloat16)
-    student_topk_ids = torch.randint(0, 50, (11, 4), generator=generator)
-    sampled_ids = torch.randint(0, 50, (11,), generator=generator)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    for chunk_rows in (1, 4, 11, 64):
-        top_ids, top_logprobs, at_student, at_sampled = script.teacher_gathers(
-            logits, student_topk_ids, sampled_ids, teacher_topk=6, chunk_rows=chunk_rows
-        )
-        torch.testing.assert_close(top_logprobs, log_probs.topk(6, dim=-1).values)
-        torch.testing.assert_close(log_probs.gather(-1, top_ids), top_logprobs)
-        torch.testing.assert_close(at_student, log_probs.gather(-1, student_topk_ids))
-        torch.testing.assert_close(at_sampled, log_probs[torch.arange(11), sampled_ids])
-
-
 def test_full_shapes_have_the_published_qwen3_sizes():
     # Qwen's model cards: Qwen3-1.7B has 1.7B parameters (1.4B without embeddings), Qwen3-4B 4.0B (3.6B).
     script = _load_script()
