@@ -153,15 +153,24 @@ def _recomputed_mask(records: list[dict]) -> list[list[int]]:
     return [torch.nonzero(row).flatten().tolist() for row in mask]
 
 
-def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(pair, tmp_path):
-    out_dir = tmp_path
-    data = _train("ta_opd_cpu", pair, TA_OPD_STEPS, _ta_opd_overrides(out_dir), out_dir)
+@pytest.fixture(scope="module")
+def ta_opd_run(pair, tmp_path_factory):
+    """One uninterrupted TA-OPD run of 3 steps, checkpointed at steps 2 and 3 (the last step is always
+    saved), shared by the two tests below: one verl start-up fewer."""
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    overrides = [*_ta_opd_overrides(out_dir), *REPRODUCIBLE_ROLLOUTS, "trainer.save_freq=2"]
+    return out_dir, _train("ta_opd_cpu", pair, TA_OPD_STEPS, overrides, out_dir)
+
+
+def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(ta_opd_run):
+    # (The rollout-vs-actor Pearson check of the first test does not apply here: at top-k = 1 vLLM
+    # reports the truncated distribution's log-probs.)
+    out_dir, data = ta_opd_run
     prefix = "actor/ta_opd/"
     for step, metrics in data.items():
         n_valid = metrics[prefix + "valid_positions"]
         assert metrics[prefix + "kept_positions"] == math.ceil(TA_OPD_RATIO * n_valid), step
         assert math.isfinite(metrics["actor/distillation/loss"]), step
-        assert metrics[PEARSON] > 0.99, step
         # The teacher's log-prob of sampled tokens outside its top-16 reached the loss (none was dropped).
         assert metrics[prefix + "sampled_outside_teacher_topk"] > 0, step
         assert math.isfinite(metrics[prefix + "sampled_kl_selected_mean"]), step
@@ -177,11 +186,8 @@ def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(pair, 
         assert [r["selected"] for r in records] == _recomputed_mask(records), step
 
 
-def test_a_run_resumed_after_step_2_trains_step_3_like_the_uninterrupted_run(pair, tmp_path):
-    # The uninterrupted run saves checkpoints at steps 2 and 3 (the last step is always saved).
-    full_dir = tmp_path / "uninterrupted"
-    overrides = [*_ta_opd_overrides(full_dir), *REPRODUCIBLE_ROLLOUTS, "trainer.save_freq=2"]
-    _train("ta_opd_cpu", pair, TA_OPD_STEPS, overrides, full_dir)
+def test_a_run_resumed_after_step_2_trains_step_3_like_the_uninterrupted_run(pair, ta_opd_run, tmp_path):
+    full_dir, _ = ta_opd_run
     # "Stop after step 2": a fresh run folder holding only the step-2 checkpoint of that run; verl's
     # default trainer.resume_mode=auto resumes from it.
     resumed_dir = tmp_path / "resumed"
