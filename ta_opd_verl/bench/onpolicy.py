@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import itertools
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ta_opd_verl.bench.machine import machine_info
 from ta_opd_verl.loss import masked_aggregate, reverse_kl_on_teacher_support
 from ta_opd_verl.teachability import SELECTORS, select_positions, token_statistics
 
@@ -354,29 +352,6 @@ def plot(configs: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def machine_info(threads: int, jobs: int) -> dict:
-    def version(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "torch_threads": threads,
-        "jobs": jobs,
-        "cuda": torch.cuda.is_available(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-    }
-
-
 # ---- driver -----------------------------------------------------------------------------------------------
 
 
@@ -432,7 +407,9 @@ def run(args: argparse.Namespace) -> dict:
         "command": " ".join([Path(sys.executable).name, "-m", "ta_opd_verl.bench", *sys.argv[1:]]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "machine": machine_info(args.threads, args.jobs),
+        "machine": machine_info(
+            args.threads, ("torch", "transformers"), jobs=args.jobs, cuda=torch.cuda.is_available()
+        ),
         "pair": {
             "root": str(pair.root),
             "student": str(student),

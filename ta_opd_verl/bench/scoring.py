@@ -18,11 +18,9 @@ which can hide a peak below the input-building one).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ta_opd_verl.bench.machine import machine_info
 from ta_opd_verl.teachability import token_statistics
 
 QWEN_VOCAB = 151_669
@@ -191,22 +190,6 @@ def measure_memory(name: str, n: int, v: int, k: int, seed: int, threads: int) -
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def machine_info(threads: int) -> dict:
-    import verl
-
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "verl": getattr(verl, "__version__", "unknown"),
-    }
-
-
 def _mib(memory: dict, name: str) -> str:
     return f"{memory[name]:.0f}" if name in memory else "n/a"
 
@@ -277,7 +260,7 @@ def run(args: argparse.Namespace) -> dict:
             cases.append(case)
     result = {
         "command": " ".join([Path(sys.executable).name, "-m", "ta_opd_verl.bench", *sys.argv[1:]]),
-        "machine": machine_info(args.threads),
+        "machine": machine_info(args.threads, ("torch", "verl")),
         "repeats": args.repeats,
         "cases": cases,
     }
