@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ta_opd_verl.bench.machine import machine_info
 from ta_opd_verl.teachability import SELECTORS, select_positions
 
 # Defaults that depend on the models. Paper: K = 8/16/32, L = 192, Adam lr 1e-6 (its OPD runs).
@@ -311,15 +310,8 @@ def run(args, argv: list[str]) -> int:
 
 
 def _machine(device: str) -> dict:
-    machine = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-    if str(device).startswith("cuda"):
-        machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return machine
+    gpu = {"gpu": torch.cuda.get_device_name(torch.device(device))} if str(device).startswith("cuda") else {}
+    return machine_info(torch.get_num_threads(), ("torch", "transformers"), **gpu)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def markdown(summary: dict, plots: list[str], train_k: int) -> str:
         "# Fixed-context diagnostic",
         "",
         f"`{summary['command']}` — {summary['date']}, {summary['machine']['platform']}, "
-        f"{summary['machine']['cpus']} CPUs, device {settings['device']} ({settings['dtype']}), "
+        f"{summary['machine']['cpu_count']} CPUs, device {settings['device']} ({settings['dtype']}), "
         f"{summary['wall_s']:.0f} s.",
         "",
         f"- Teacher `{summary['models']['teacher']}`; θ0 `{summary['models']['student']}`; θτ: "
