@@ -8,16 +8,14 @@
 # one-GPU machine does not help either: the teacher process is then pinned to a device index (1) that
 # does not exist. So verl's OPD needs at least two GPUs (see the pair recipes).
 #
-# This recipe is written against the colocated FSDP teacher planned in issue 5 (the teacher as an FSDP
-# log-prob worker beside the actor, the way verl hosts its reference model), which would also give the
-# exact compatibility C. Its switch is assumed to be `ta_opd.teacher=colocated_fsdp` (PLANNED_TEACHER
-# below; rename it here if issue 5 names it otherwise). Until that exists our config refuses the key, and
-# this script stops before launching. TA_OPD_PRINT_OVERRIDES=1 still prints its arguments.
+# This recipe uses the colocated FSDP teacher of issue 5 (`ta_opd.teacher=fsdp`: the teacher in the
+# actor's worker processes, FSDP2-sharded and offloaded between uses, run in the scoring forward; verl's
+# teacher pool is not started), which also gives the exact compatibility C. The teacher is built and
+# tested on CPU (tests/test_fsdp_teacher*.py), but no run of this recipe on a GPU is recorded yet, so the
+# script still stops before launching. TA_OPD_PRINT_OVERRIDES=1 prints its arguments.
 #
 # Shared settings and every environment variable: recipes/common.sh. Data: `ta-opd prepare-data`.
 set -euo pipefail
-
-PLANNED_TEACHER=distillation.distillation_loss.ta_opd.teacher=colocated_fsdp
 
 # ---- user-adjustable (the environment overrides each value) ----
 : "${STUDENT_NAME:=Qwen3-1.7B}"   # paper
@@ -31,7 +29,8 @@ PLANNED_TEACHER=distillation.distillation_loss.ta_opd.teacher=colocated_fsdp
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 overrides+=(
-    "$PLANNED_TEACHER"
+    distillation.distillation_loss.ta_opd.teacher=fsdp
+    distillation.distillation_loss.ta_opd.teacher_path="$TEACHER"
     # The colocated teacher scores the student's own top-K ids: the exact C of Eq. 10.
     distillation.distillation_loss.ta_opd.compatibility=exact
     # Actor, teacher and the student's vLLM share the GPU: offload what waits, and a smaller KV cache.
@@ -41,8 +40,8 @@ overrides+=(
 )
 
 if [[ "${TA_OPD_PRINT_OVERRIDES:-0}" != 1 ]]; then
-    echo "recipes/$(basename "$0"): not yet runnable: it needs the colocated FSDP teacher (issue 5);" \
-        "verl 0.9.1's teacher servers need a GPU of their own (see the comment at the top)." >&2
+    echo "recipes/$(basename "$0"): not yet runnable: the colocated FSDP teacher (issue 5) has not been" \
+        "run on a GPU yet (see the comment at the top)." >&2
     exit 3
 fi
 ta_opd_run "$PYTHON" -m verl.trainer.main_ppo --config-path "$CONF" --config-name ta_opd_trainer \

@@ -4,6 +4,8 @@ step's metrics out. Torch only (no verl), so the rule is testable without Ray.""
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import torch
 
@@ -115,10 +117,13 @@ def selection_records(
     stats: TokenStatistics,
     valid: torch.Tensor,
     mask: torch.Tensor,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> list[dict]:
     """One JSON-ready record per sample (in stable-id order): its response token ids, the selected
     positions, and D, C, H at every valid position (float32 values, exact in JSON), for
-    `ta_opd.selection_dump_dir`."""
+    `ta_opd.selection_dump_dir`. ``extra``: more ``[B, T]`` per-position values, each written under its
+    name like D, C, H."""
+    named = dict(zip(("disagreement", "compatibility", "entropy"), stats, strict=True)) | (extra or {})
     records = []
     for row in stable_sample_order(sample_ids):
         length = int(valid[row].sum())
@@ -129,10 +134,40 @@ def selection_records(
                 "sample_id": sample_ids[row],
                 "response_ids": response_ids[row][:length],
                 "selected": torch.nonzero(mask[row] & valid[row]).flatten().tolist(),
-                **{
-                    name: values[row, :length].tolist()
-                    for name, values in zip(("disagreement", "compatibility", "entropy"), stats, strict=True)
-                },
+                **{name: values[row, :length].tolist() for name, values in named.items()},
             }
         )
     return records
+
+
+def selection_from_records(
+    records: list[dict],
+    selector: str,
+    ratio: float,
+    *,
+    min_keep_per_sample: int = 0,
+    scores: tuple[str, str] = ("disagreement", "compatibility"),
+) -> list[list[int]]:
+    """The selection recomputed from one step's `selection_records` (a dump read back): `select_positions`
+    over all their valid positions, in their stable-id order, with D and C from the fields named in
+    ``scores`` and H from ``entropy``. Per record, its selected positions (compare with ``selected``)."""
+    length = max((len(record["entropy"]) for record in records), default=0)
+    valid = torch.zeros(len(records), length, dtype=torch.bool)
+    columns = {name: torch.zeros(len(records), length) for name in (*scores, "entropy")}
+    for row, record in enumerate(records):
+        n = len(record["entropy"])
+        valid[row, :n] = True
+        for name, values in columns.items():
+            values[row, :n] = torch.tensor(record[name])
+    stats = TokenStatistics(columns[scores[0]], columns[scores[1]], columns["entropy"])
+    mask = select_positions(selector, stats, valid, ratio, min_keep_per_sample=min_keep_per_sample)
+    return [torch.nonzero(row).flatten().tolist() for row in mask]
+
+
+def load_selection_dump(folder: Path) -> dict[int, list[dict]]:
+    """The ``step_<N>.jsonl`` files `ta_opd.selection_dump_dir` holds, as records by step."""
+    steps = {}
+    for path in Path(folder).glob("step_*.jsonl"):
+        lines = path.read_text().splitlines()
+        steps[int(path.stem.removeprefix("step_"))] = [json.loads(line) for line in lines if line.strip()]
+    return steps

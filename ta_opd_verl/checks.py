@@ -16,6 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 SUPPORTED_STRATEGIES = ("fsdp", "fsdp2")
 LOSS_MODE_KEY = "distillation.distillation_loss.loss_mode"
+TEACHER_KEY = "distillation.distillation_loss.ta_opd.teacher"
+TEACHER_PATH_KEY = "distillation.distillation_loss.ta_opd.teacher_path"
+SEQUENCE_PARALLEL_KEY = "actor_rollout_ref.actor.ulysses_sequence_parallel_size"
+
+
+def uses_fsdp_teacher(config: DictConfig) -> bool:
+    """``ta_opd.teacher=fsdp``: the teacher is colocated in the actor's workers (ta_opd_verl.fsdp_teacher)."""
+    return OmegaConf.select(config, TEACHER_KEY, default="server") == "fsdp"
 
 
 class TAOPDConfigError(ValueError):
@@ -54,7 +62,15 @@ def check_ta_opd_config(config: DictConfig) -> None:
             "actor_rollout_ref.model.use_fused_kernels=True never materialises the logits TA-OPD scores; "
             "set it to False"
         )
-    for name, teacher in (_select(config, "distillation.teacher_models", {}) or {}).items():
+    sequence_parallel = _select(config, SEQUENCE_PARALLEL_KEY, 1) or 1
+    if uses_fsdp_teacher(config) and sequence_parallel > 1:
+        raise TAOPDConfigError(
+            f"{SEQUENCE_PARALLEL_KEY}={sequence_parallel}: the fsdp teacher scores whole sequences, not "
+            f"Ulysses slices; accepted with {TEACHER_KEY}=fsdp: 1"
+        )
+    # The fsdp teacher leaves distillation.teacher_models unused: verl's teacher servers are not started.
+    teacher_models = {} if uses_fsdp_teacher(config) else _select(config, "distillation.teacher_models", {})
+    for name, teacher in (teacher_models or {}).items():
         engine = OmegaConf.select(teacher, "inference.name")
         if engine != "vllm":
             raise TAOPDConfigError(
@@ -84,36 +100,47 @@ def _build_loss_config(config: DictConfig):
     except InstantiationException as error:
         # Hydra wraps the dataclass's own message (which names the key) in its call details.
         raise TAOPDConfigError(str(error.__cause__ or error)) from None
-    if loss_config.ta_opd.compatibility == "exact":
+    if loss_config.ta_opd.compatibility == "exact" and loss_config.ta_opd.teacher == "server":
         raise TAOPDConfigError(
             "distillation.distillation_loss.ta_opd.compatibility=exact needs the teacher's log-probs at the "
             "student's top-K ids, which verl's teacher servers cannot return; accepted with server teachers: "
-            "lower_bound"
+            f"lower_bound (or set {TEACHER_KEY}=fsdp: the colocated teacher gives exact C)"
         )
     return loss_config
 
 
 def check_model_paths(config: DictConfig) -> None:
-    """Student and teacher folders exist, share a vocabulary, and (on CPU) have a head size vLLM accepts."""
-    from ta_opd_verl.vocab import check_same_vocabulary
+    """Student and teacher folders exist, share a vocabulary, and (on CPU) the models vLLM serves have a
+    head size vLLM-CPU accepts. With the fsdp teacher the teacher is ``ta_opd.teacher_path`` (run by torch
+    in the actor's workers, not by vLLM) and ``distillation.teacher_models`` is unused."""
+    from ta_opd_verl.vocab import VocabularyMismatchError, check_same_vocabulary
 
     student = _select(config, "actor_rollout_ref.model.path")
     paths = {"actor_rollout_ref.model.path": student}
-    for name, teacher in (_select(config, "distillation.teacher_models", {}) or {}).items():
-        paths[f"distillation.teacher_models.{name}.model_path"] = OmegaConf.select(teacher, "model_path")
+    served_by_vllm = {"actor_rollout_ref.model.path"}
+    if uses_fsdp_teacher(config):
+        paths[TEACHER_PATH_KEY] = _select(config, TEACHER_PATH_KEY)
+    else:
+        for name, teacher in (_select(config, "distillation.teacher_models", {}) or {}).items():
+            key = f"distillation.teacher_models.{name}.model_path"
+            paths[key] = OmegaConf.select(teacher, "model_path")
+            served_by_vllm.add(key)
     for key, path in paths.items():
         if path is None or not (Path(str(path)) / "config.json").is_file():
             raise TAOPDConfigError(
                 f"{key}={path!r} is not a model folder: a Hugging Face folder with config.json is accepted "
                 "(this check needs local folders; download hub models first)"
             )
-        if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":
+        if key in served_by_vllm and os.environ.get("VERL_PLATFORM", "").lower() == "cpu":
             from ta_opd_verl.tiny.vllm_cpu import check_vllm_cpu_head_size
 
             check_vllm_cpu_head_size(path)
     for key, path in paths.items():
         if key != "actor_rollout_ref.model.path":
-            check_same_vocabulary(student, path)
+            try:
+                check_same_vocabulary(student, path)
+            except VocabularyMismatchError as error:
+                raise VocabularyMismatchError(f"{key}: {error}") from None
 
 
 class PreflightCallback(Callback):

@@ -36,6 +36,8 @@ __all__ = ["TAOPDConfig", "TAOPDDistillationLossConfig"]
 KEY_PREFIX = "distillation.distillation_loss"
 TA_OPD_KEY = f"{KEY_PREFIX}.ta_opd"
 COMPATIBILITY_MODES = ("exact", "lower_bound")
+TEACHERS = ("server", "fsdp")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 LOSSES = ("pg_k1", "reverse_kl_topk")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 
@@ -72,7 +74,21 @@ class TAOPDConfig(BaseConfig):
     compatibility (str):
         `lower_bound` (Eq. 17, default): C from the teacher entries that fall in the student's top-k,
         since verl's teacher servers return only the teacher's own top entries; `exact` (Eq. 10) needs
-        the teacher's log-probs at the student's top-k ids.
+        the teacher's log-probs at the student's top-k ids: `teacher=fsdp` only.
+    teacher (str):
+        Who scores the teacher: `server` (verl's teacher servers, `distillation.teacher_models`, multi-
+        teacher routing included) or `fsdp` (the teacher model colocated in the actor's worker processes,
+        FSDP2-sharded and offloaded between uses, run in the scoring forward; verl's teacher pool is not
+        started; see `ta_opd_verl.fsdp_teacher`).
+    teacher_path (str | None):
+        With `teacher=fsdp`: the teacher's local Hugging Face folder (same vocabulary as the student).
+        Must be null with `teacher=server` (the servers read `distillation.teacher_models`).
+    teacher_dtype (str):
+        With `teacher=fsdp`: the dtype the teacher is loaded and run in, `bfloat16` (default), `float16`
+        or `float32`; its log-softmax is float32 either way.
+    teacher_temperature (float):
+        1.0, the only accepted value: like verl's teacher servers (which force 1.0 for prompt
+        log-probs), the teacher's logits are scored undivided, whatever the rollout temperature.
     entropy_mode (str):
         `full` (paper): entropy over the whole vocabulary; `topk` (the authors' code): entropy of the
         student's top-k renormalised, divided by log k.
@@ -99,6 +115,10 @@ class TAOPDConfig(BaseConfig):
     k: int = 16
     student_probs: str = "exact"
     compatibility: str = "lower_bound"
+    teacher: str = "server"
+    teacher_path: str | None = None
+    teacher_dtype: str = "bfloat16"
+    teacher_temperature: float = 1.0
     entropy_mode: str = "full"
     min_keep_per_sample: int = 0
     q_low: float = 0.05
@@ -113,6 +133,8 @@ class TAOPDConfig(BaseConfig):
             ("selector", SELECTORS),
             ("student_probs", STUDENT_PROBS),
             ("compatibility", COMPATIBILITY_MODES),
+            ("teacher", TEACHERS),
+            ("teacher_dtype", TEACHER_DTYPES),
             ("entropy_mode", ENTROPY_MODES),
             ("loss", LOSSES),
             ("aggregation", AGGREGATIONS),
@@ -136,6 +158,20 @@ class TAOPDConfig(BaseConfig):
             _reject("seed", "an integer", self.seed)
         if self.selection_dump_dir is not None and not isinstance(self.selection_dump_dir, str):
             _reject("selection_dump_dir", "a folder path or null", self.selection_dump_dir)
+        if self.teacher == "fsdp" and not (isinstance(self.teacher_path, str) and self.teacher_path):
+            _reject("teacher_path", "the teacher's Hugging Face folder with teacher=fsdp", self.teacher_path)
+        if self.teacher == "server" and self.teacher_path is not None:
+            _reject(
+                "teacher_path",
+                "null with teacher=server (the servers load distillation.teacher_models.<name>.model_path)",
+                self.teacher_path,
+            )
+        if self.teacher_temperature != 1.0:
+            _reject(
+                "teacher_temperature",
+                "1.0 (the teacher is scored at temperature 1, like verl's teacher servers)",
+                self.teacher_temperature,
+            )
 
 
 @dataclass
@@ -171,7 +207,8 @@ class TAOPDDistillationLossConfig(DistillationLossConfig):
         if self.topk is None or self.ta_opd.k > self.topk:
             raise ValueError(
                 f"{TA_OPD_KEY}.k ({self.ta_opd.k}) must be <= {KEY_PREFIX}.topk ({self.topk}), the number of "
-                f"teacher entries requested from the teacher servers"
+                f"teacher entries per position (requested from the teacher servers, or kept by the fsdp "
+                f"teacher)"
             )
         if self.ta_opd.loss == "pg_k1" and not self.use_policy_gradient:
             raise ValueError(

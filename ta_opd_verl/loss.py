@@ -15,6 +15,8 @@ verl 0.9.1 internals this leans on:
 - The teacher's entries arrive as ``teacher_ids`` / ``teacher_logprobs`` (nested, one row per sequence
   position, row t describing token t+1). With our teacher server (``ta_opd_verl.teacher_server``) each row
   holds the teacher's top ``distillation_loss.topk`` entries followed by one column for the sampled token.
+  With the colocated teacher (``ta_opd.teacher=fsdp``, ``ta_opd_verl.fsdp_teacher``) the scoring forward
+  computes them itself and the trainer writes them to those fields before the update.
 """
 
 from __future__ import annotations
@@ -107,11 +109,13 @@ class TAOPDLossFunction:
     position and the loss is 0; in the update (``ta_opd_phase=train``) the loss is the OPD loss on the
     positions in ``loss_mask`` (the selection)."""
 
-    def __init__(self, actor_config, distillation_config):
+    def __init__(self, actor_config, distillation_config, teacher_attn_implementation: str | None = None):
         self.actor_config = actor_config
         self.distillation_config = distillation_config
         self.loss_config = distillation_config.distillation_loss
         self.settings = self.loss_config.ta_opd
+        # The fsdp teacher's attention kernel (the trainer passes the student's); unused with server teachers.
+        self.teacher_attn_implementation = teacher_attn_implementation
 
     def __call__(self, *, data, model_output: dict | None = None, dp_group=None, student_logits=None, **_):
         from verl.utils import tensordict_utils as tu
@@ -130,6 +134,11 @@ class TAOPDLossFunction:
 
     # ---- logits processor ---------------------------------------------------------------------------
     def process_logits(self, student_logits: torch.Tensor, data, phase: str) -> dict[str, torch.Tensor]:
+        if phase == SCORE_PHASE and self.settings.teacher == "fsdp":
+            # The colocated teacher scores this micro-batch and returns the teacher rows the update reads.
+            from ta_opd_verl.fsdp_teacher import score_micro_batch
+
+            return score_micro_batch(self, student_logits, data)
         teacher_ids = data["teacher_ids"].values().unsqueeze(0)
         teacher_logprobs = data["teacher_logprobs"].values().unsqueeze(0)
         teacher_ids, teacher_logprobs = _slice_for_sequence_parallel(teacher_ids, teacher_logprobs)

@@ -14,10 +14,10 @@ environment, as Ray's worker group would set it.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
+from verl_rank import actor_training_worker, start_cpu_rank
 
 # ---- the rollout batch (shared by the driver side of the test and the ranks) -------------------------
 VOCAB = 48
@@ -209,51 +209,16 @@ def rank_main(
     rank: int, port: int, model_dir: str, batch: dict, mask: torch.Tensor, old_log_probs, report_path: str
 ) -> None:
     """Build verl's FSDP2 actor worker on this rank, train once per case, report losses and gradients."""
-    torch.set_num_threads(1)
-    os.environ.update(
-        # ta_opd_verl.cpu: VERL_PLATFORM=cpu selects our CPU platform (gloo, CPU device module) when
-        # `import verl` loads our verl.plugins entry point; VERL_ENGINE_DEVICE=cuda picks the FSDP engine.
-        VERL_PLATFORM="cpu",
-        VERL_ENGINE_DEVICE="cuda",
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    import verl  # noqa: F401  (loads ta_opd_verl.verl_plugin, which activates the CPU platform)
-    from hydra import compose, initialize_config_dir
+    start_cpu_rank(rank, WORLD_SIZE, port)
     from torch.distributed.fsdp import FSDPModule
     from verl.utils import tensordict_utils as tu
-    from verl.utils.config import omega_conf_to_dataclass
-    from verl.workers.config import TrainingWorkerConfig
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
-    from verl.workers.engine_workers import TrainingWorker
 
     from ta_opd_verl.loss import PHASE_KEY, TRAIN_PHASE, TAOPDLossFunction
-    from ta_opd_verl.verl_plugin import require_plugin
 
-    require_plugin()
-    conf_dir = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-        config = compose("ta_opd_cpu", overrides=_config_overrides(model_dir))
-    actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
-    actor.model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model)
-
-    # As ActorRolloutRefWorker.init_model builds the actor's TrainingWorker (verl/workers/engine_workers.py).
-    worker_config = TrainingWorkerConfig(
-        model_type="language_model",
-        model_config=actor.model_config,
-        engine_config=actor.engine,
-        optimizer_config=actor.optim,
-        checkpoint_config=actor.checkpoint,
+    config, actor, worker = actor_training_worker(
+        "ta_opd_cpu", _config_overrides(model_dir), MICRO_BATCH_SIZE
     )
-    worker_config.engine_config.use_dynamic_bsz = False
-    worker_config.engine_config.micro_batch_size_per_gpu = MICRO_BATCH_SIZE
-    worker_config.engine_config.use_remove_padding = False
-    worker = TrainingWorker(config=worker_config)
-    worker.reset()
     assert isinstance(worker.engine, FSDPEngineWithLMHead) and isinstance(worker.engine.module, FSDPModule)
     assert worker.engine.get_data_parallel_size() == WORLD_SIZE
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 
 from ta_opd_verl.batch_selection import (
+    load_selection_dump,
     select_rollout_batch,
+    selection_from_records,
     selection_records,
     stable_sample_ids,
     stable_sample_order,
@@ -70,6 +73,25 @@ def test_selection_records_list_each_real_samples_selection_and_scores():
     assert records[1]["response_ids"] == [11, 12, 13]
     assert torch.equal(torch.tensor(records[1]["disagreement"]), stats.disagreement[0, :3])
     assert len(records[0]["entropy"]) == 4
+
+
+def test_a_dump_read_back_recomputes_the_trainers_selection(tmp_path):
+    stats = _stats(5, 9, seed=4)
+    valid = torch.ones(5, 9, dtype=torch.bool)
+    valid[1, 5:] = False
+    valid[3] = False  # a padding row: not dumped
+    ids = ["e", "c", "a", "x", "b"]
+    mask, _ = select_rollout_batch(stats, valid, ids, selector="teachability", ratio=0.2, **SETTINGS)
+    records = selection_records(ids, [[7] * 9] * 5, stats, valid, mask)
+    (tmp_path / "step_4.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    read_back = load_selection_dump(tmp_path)[4]
+    assert read_back == json.loads(json.dumps(records))
+    assert selection_from_records(read_back, "teachability", 0.2) == [r["selected"] for r in records]
+    assert sum(map(len, selection_from_records(read_back, "teachability", 0.2))) == math.ceil(
+        0.2 * int(valid.sum())
+    )
+    # Another selector gives another selection: the recomputation reads the scores, not `selected`.
+    assert selection_from_records(read_back, "entropy", 0.2) != [r["selected"] for r in records]
 
 
 def test_same_step_and_seed_give_the_same_random_selection():

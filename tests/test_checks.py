@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from verl_fixtures import CONF_DIR, compose_config
+from verl_fixtures import CONF_DIR, compose_config, teacher_with_swapped_tokens
 
 from ta_opd_verl import verl_plugin
 from ta_opd_verl.checks import TAOPDConfigError, check_model_paths, check_ta_opd_config
@@ -97,18 +97,9 @@ def test_tiny_pair_passes_the_model_checks(pair, monkeypatch):
 
 
 def test_teacher_with_another_vocabulary_is_refused(pair, tmp_path):
-    import json
-    import shutil
-
     from ta_opd_verl.vocab import VocabularyMismatchError
 
-    teacher = tmp_path / "teacher"
-    shutil.copytree(pair.teacher, teacher)
-    tokenizer = json.loads((teacher / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    first, second = sorted(vocab, key=vocab.get)[40:42]
-    vocab[first], vocab[second] = vocab[second], vocab[first]
-    (teacher / "tokenizer.json").write_text(json.dumps(tokenizer))
+    teacher = teacher_with_swapped_tokens(pair.teacher, tmp_path / "teacher")
     with pytest.raises(VocabularyMismatchError):
         check_model_paths(_paths(pair.student, teacher))
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ta_opd_verl.batch_selection import selection_from_records
 from ta_opd_verl.launch import run_verl, tiny_pair_overrides
-from ta_opd_verl.teachability import TokenStatistics, select_positions
 from ta_opd_verl.tiny.build import build_tiny_pair
 
 pytestmark = pytest.mark.e2e
@@ -136,23 +136,6 @@ def _selection(out_dir, step: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _recomputed_mask(records: list[dict]) -> list[list[int]]:
-    """The global top-n of teachability over the dumped D, C, H of the whole batch, computed here."""
-    length = max(len(r["disagreement"]) for r in records)
-    fields = {
-        name: torch.zeros(len(records), length) for name in ("disagreement", "compatibility", "entropy")
-    }
-    valid = torch.zeros(len(records), length, dtype=torch.bool)
-    for row, record in enumerate(records):
-        n = len(record["disagreement"])
-        valid[row, :n] = True
-        for name, values in fields.items():
-            values[row, :n] = torch.tensor(record[name])
-    stats = TokenStatistics(fields["disagreement"], fields["compatibility"], fields["entropy"])
-    mask = select_positions("teachability", stats, valid, TA_OPD_RATIO)
-    return [torch.nonzero(row).flatten().tolist() for row in mask]
-
-
 @pytest.fixture(scope="module")
 def ta_opd_run(pair, tmp_path_factory):
     """One uninterrupted TA-OPD run of 3 steps, checkpointed at steps 2 and 3 (the last step is always
@@ -183,7 +166,9 @@ def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(ta_opd
         # dumped scores (rows in stable-id order, the order of the tie rule).
         records = _selection(out_dir, step)
         assert sum(len(r["disagreement"]) for r in records) == n_valid
-        assert [r["selected"] for r in records] == _recomputed_mask(records), step
+        assert [r["selected"] for r in records] == selection_from_records(
+            records, "teachability", TA_OPD_RATIO
+        ), step
 
 
 def test_a_run_resumed_after_step_2_trains_step_3_like_the_uninterrupted_run(pair, ta_opd_run, tmp_path):
@@ -212,7 +197,7 @@ def test_a_run_resumed_after_step_2_trains_step_3_like_the_uninterrupted_run(pai
             torch.testing.assert_close(torch.tensor(b[name]), torch.tensor(a[name]), rtol=1e-5, atol=1e-6)
     # Selection: the rule depends only on the stable ids and the scores, so on the same batch both runs
     # select the same positions; the resumed run's mask is that rule applied to its batch.
-    assert [r["selected"] for r in got] == _recomputed_mask(got)
+    assert [r["selected"] for r in got] == selection_from_records(got, "teachability", TA_OPD_RATIO)
     # Optimizer and scheduler: restored, so after step 3 both runs have taken the same number of steps.
     actor = Path("checkpoints/global_step_3/actor")
     for run_dir in (full_dir, resumed_dir):

@@ -11,11 +11,8 @@ mean over the selected positions of the whole batch (Eq. 7), for each loss and a
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 from fsdp_engine_worker import (
     CASES,
     PROMPT_LENGTHS,
@@ -29,14 +26,9 @@ from fsdp_engine_worker import (
     rank_main,
     write_student,
 )
+from verl_rank import run_ranks
 
 RANK_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _load_reference(model_dir):
@@ -95,23 +87,9 @@ def _reference_objective(per_token: list[torch.Tensor], mask: torch.Tensor, aggr
 
 
 def _run_ranks(model_dir, batch, mask, old_log_probs, report_path) -> list[dict]:
-    context = mp.get_context("spawn")
-    port = _free_port()
-    processes = [
-        context.Process(
-            target=rank_main, args=(rank, port, str(model_dir), batch, mask, old_log_probs, str(report_path))
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=RANK_TIMEOUT_S)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    assert [process.exitcode for process in processes] == [0] * WORLD_SIZE
+    run_ranks(
+        rank_main, WORLD_SIZE, (str(model_dir), batch, mask, old_log_probs, str(report_path)), RANK_TIMEOUT_S
+    )
     return torch.load(report_path)
 
 

@@ -29,7 +29,6 @@ SINGLE_GPU_RECIPE = RECIPES / "single-gpu-qwen3-4b-to-qwen3-1.7b.sh"
 SHELL_SCRIPTS = sorted(
     [*RECIPES.glob("*.sh"), *RECIPES.glob("multinode/*.sh"), RECIPES / "multinode" / "slurm.sbatch"]
 )
-PLANNED_TEACHER_KEY = "distillation.distillation_loss.ta_opd.teacher"
 
 
 # verl's need_critic warns that GRPO runs without a critic: TA-OPD never uses one.
@@ -140,12 +139,13 @@ def test_a_renamed_key_fails_the_check(tmp_path):
         compose_arguments(arguments)
 
 
-def test_single_gpu_recipe_is_refused_until_the_colocated_teacher_exists():
+def test_single_gpu_recipe_builds_with_the_colocated_teacher_but_does_not_launch_yet():
     result = subprocess.run(["bash", str(SINGLE_GPU_RECIPE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 3 and "not yet runnable" in result.stderr
-    # When issue 5 adds the key, this composes and the test must be turned into a build check.
-    with pytest.raises(HydraException, match=PLANNED_TEACHER_KEY.replace(".", r"\.")):
-        compose_arguments(print_arguments(SINGLE_GPU_RECIPE))
+    config = compose_arguments(print_arguments(SINGLE_GPU_RECIPE, MODEL_DIR="/models"))
+    loss = build_like_verl(config)["distillation"].distillation_loss
+    assert (loss.ta_opd.teacher, loss.ta_opd.teacher_path) == ("fsdp", "/models/Qwen3-4B")
+    assert loss.ta_opd.compatibility == "exact"
 
 
 def test_sweep_dry_run_lists_every_cell_and_each_builds(tmp_path):

@@ -79,3 +79,18 @@ def synthetic_micro_batch(
     model_output = {"log_probs": nested(log_probs)}
     raw = {"log_probs": log_probs, "teacher_logprobs": teacher_logprobs, "teacher_ids": teacher_ids}
     return data, model_output, raw
+
+
+def teacher_with_swapped_tokens(teacher: Path, out: Path) -> Path:
+    """A copy of a tiny-pair teacher folder whose tokenizer swaps two regular tokens' ids: a vocabulary
+    the pre-flight check must refuse."""
+    import json
+    import shutil
+
+    shutil.copytree(teacher, out)
+    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[40:42]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return out

@@ -4,12 +4,13 @@ Commands:
     python -m ta_opd_verl.bench scoring                 # full size (V = 151,669), several minutes
     python -m ta_opd_verl.bench scoring --n 64 --v 1000 --k 4 --repeats 1   # smoke run, seconds
     python -m ta_opd_verl.bench onpolicy --selector full teachability --seeds 0 1   # tiny pair, minutes
+    python -m ta_opd_verl.bench teacher --steps 20      # fsdp vs server teacher through verl, minutes
 """
 
 import argparse
 import sys
 
-from ta_opd_verl.bench import onpolicy, scoring
+from ta_opd_verl.bench import onpolicy, scoring, teacher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,11 +26,19 @@ def main(argv: list[str] | None = None) -> int:
             "onpolicy", help="on-policy TA-OPD on the tiny pair in plain PyTorch: accuracy vs step"
         )
     )
+    teacher.add_arguments(
+        commands.add_parser(
+            "teacher",
+            help="fsdp vs server teacher through verl's trainer on the tiny pair: step time, selection",
+        )
+    )
     args = parser.parse_args(argv)
     if args.command == "scoring":
         scoring.run(args)
     elif args.command == "onpolicy":
         onpolicy.run(args)
+    elif args.command == "teacher":
+        teacher.run(args)
     return 0
 
 

@@ -1,0 +1,73 @@
+"""End to end through verl's real `python -m verl.trainer.main_ppo` on CPU with the colocated teacher
+(``ta_opd.teacher=fsdp``) and the tiny pair: one verl start-up (about 1.5 minutes on a quiet 2-core
+machine) plus 3 steps.
+
+Ray is given ONE logical GPU: the actor/rollout pool takes it, so verl's teacher pool (one more GPU with
+``distillation.n_gpus_per_node=1``) could not even be placed (``RayResourcePool._check_resource_available``
+raises); the run finishing shows the teacher pool was never requested.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ta_opd_verl.batch_selection import selection_from_records
+from ta_opd_verl.launch import run_verl, tiny_pair_overrides
+from ta_opd_verl.tiny.build import build_tiny_pair
+
+pytestmark = pytest.mark.e2e
+
+VERL_TIMEOUT = 1500
+STEPS, RATIO = 3, 0.05
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return build_tiny_pair()
+
+
+def test_ta_opd_with_the_colocated_fsdp_teacher_trains_on_one_logical_gpu(pair, tmp_path):
+    dump = tmp_path / "selection"
+    result = run_verl(
+        "ta_opd_cpu",
+        [
+            *tiny_pair_overrides(pair),
+            "distillation.distillation_loss.ta_opd.teacher=fsdp",
+            f"distillation.distillation_loss.ta_opd.teacher_path={pair.teacher}",
+            "distillation.distillation_loss.ta_opd.compatibility=exact",
+            f"distillation.distillation_loss.ta_opd.ratio={RATIO}",
+            f"distillation.distillation_loss.ta_opd.selection_dump_dir={dump}",
+            "ray_kwargs.ray_init.num_gpus=1",
+            f"trainer.total_training_steps={STEPS}",
+            "trainer.val_before_train=false",
+            "trainer.test_freq=-1",
+        ],
+        tmp_path,
+        timeout=VERL_TIMEOUT,
+    )
+    assert result.returncode == 0, result.log_path.read_text()[-4000:]
+    memory = result.peak_memory_gib
+    print(f"fsdp teacher: {STEPS} steps, {result.wall_seconds:.0f}s, peak memory +{memory:.1f} GiB")
+    data = {entry["step"]: entry["data"] for entry in result.metrics()}
+    assert sorted(data) == list(range(1, STEPS + 1))
+    prefix = "actor/ta_opd/"
+    for step, metrics in data.items():
+        # The run says which teacher and which C it used.
+        assert metrics[prefix + "teacher_is_fsdp"] == 1.0, step
+        assert metrics[prefix + "compatibility_is_lower_bound"] == 0.0, step
+        n_valid = metrics[prefix + "valid_positions"]
+        assert metrics[prefix + "kept_positions"] == math.ceil(RATIO * n_valid), step
+        # The update read the teacher rows the trainer stored from the scoring forward.
+        assert math.isfinite(metrics["actor/distillation/loss"]), step
+        assert math.isfinite(metrics[prefix + "reverse_kl_selected"]), step
+        assert 0.0 < metrics[prefix + "sampled_outside_teacher_topk"] < 1.0, step
+        for quantile in ("q05", "q50", "q95"):
+            assert 0.0 <= metrics[f"{prefix}compatibility_{quantile}"] <= 1.0 + 1e-6, (step, quantile)
+        records = [json.loads(line) for line in (dump / f"step_{step}.jsonl").read_text().splitlines()]
+        assert sum(len(r["disagreement"]) for r in records) == n_valid
+        assert [r["selected"] for r in records] == selection_from_records(records, "teachability", RATIO), (
+            step
+        )
