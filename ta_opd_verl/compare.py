@@ -1,6 +1,7 @@
 """`ta-opd compare`: TA-OPD's selectors and budgets through verl's trainer on the tiny pair (a benchmark).
 
-Runs, with the same step budget and the demo's settings (`ta_opd_verl.demo`), the selectors `full`,
+Runs, with the same step budget and the demo's settings (`ta_opd_verl.demo`) at 32 prompts per step
+instead of the demo's 128 (so that a run, start-up included, takes about 3 minutes), the selectors `full`,
 `teachability`, `random`, `entropy`, `raw_kl` and `tip` at ρ = 0.05 with 3 training seeds each, and
 `teachability` at ρ = 0.01, 0.03, 0.10 and 0.20 with one seed: 22 runs of
 ``python -m verl.trainer.main_ppo`` with ``conf/ta_opd_cpu.yaml``. Each run validates at step 0 and at its
@@ -10,7 +11,8 @@ KL(p_student || p_teacher) is measured on a fixed held-out set (the teacher's gr
 trained student. Written to ``--out`` (default ``outputs/compare``):
 
 - ``runs/<name>/result.json``: one run's numbers, written only after the run succeeded; a run whose
-  result.json exists with the same settings (steps, lr, extra overrides) is reused, any other run folder
+  result.json exists with the same settings (steps, lr, prompts per step, extra overrides, and the tiny
+  pair's settings hash) is reused, any other run folder
   is cleared and run again, so an interrupted comparison resumes where it stopped;
 - ``table.md``: per selector and ρ, mean ± sample standard deviation over seeds of the accuracy gain,
   the held-out reverse-KL reduction and the wall time, with the actual kept fraction beside the gain
@@ -51,6 +53,7 @@ SEEDS = 3
 # About 3 minutes a run on a quiet 2-core machine: verl's start-up (~80-100 s), two validations (~7 s
 # each), the checkpoint, and ~2.5 s per step (docs/benchmarks.md).
 COMPARE_STEPS = 25
+COMPARE_PROMPTS = 32
 ESTIMATED_RUN_SECONDS = 180.0
 
 # ---- the held-out set of the reverse-KL measurement ----
@@ -98,7 +101,7 @@ def run_overrides(run: PlannedRun, steps: int, lr: float, extra: Sequence[str] =
     """verl overrides of one run besides the tiny pair's paths: the demo's settings and seeds, the run's
     selector and ratio, validation at step 0 and the last step only, a Hugging Face export at the end."""
     overrides = [
-        *demo_overrides(steps, lr, run.seed, test_freq=steps),
+        *demo_overrides(steps, lr, run.seed, test_freq=steps, prompts=COMPARE_PROMPTS),
         f"{TA_OPD_KEY}.selector={run.selector}",
         f"{TA_OPD_KEY}.ratio={run.ratio:g}",
         f"trainer.save_freq={steps}",
@@ -556,7 +559,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"steps": args.steps, "lr": args.lr, "extra": extra}
+    from ta_opd_verl.tiny.build import build_tiny_pair
+
+    # A result measured on another pair (a rebuilt student, other settings) must not be reused.
+    pair_hash = build_tiny_pair().manifest["settings_hash"]
+    settings = {
+        "steps": args.steps,
+        "lr": args.lr,
+        "prompts": COMPARE_PROMPTS,
+        "extra": extra,
+        "pair": pair_hash,
+    }
     _, failed = run_comparison(selected, out_dir, settings, VerlRun(out_dir, args.steps, args.lr, extra))
     complete = [r for r in (load_complete_result(out_dir / "runs" / run.name, settings) for run in plan) if r]
     write_outputs(out_dir, plan, complete, settings)

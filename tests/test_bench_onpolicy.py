@@ -71,3 +71,22 @@ def test_zero_learning_rate_leaves_accuracy_unchanged(result):
     first = [c["runs"][0]["steps"][0] for c in (zero, trained)]
     assert first[0]["n_valid"] == first[1]["n_valid"] and first[0]["n_selected"] == first[1]["n_selected"]
     assert first[0]["reverse_kl_all"] == pytest.approx(first[1]["reverse_kl_all"])
+
+
+def test_epochs_and_top_p_are_grid_axes_named_in_the_labels():
+    import argparse
+
+    from ta_opd_verl.bench.onpolicy import add_arguments, configurations
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--selector", "teachability", "full", "--epochs", "1", "2", "--top-p", "1", "0.9"]
+    )
+    configs = configurations(args)
+    assert len(configs) == 8  # 2 selectors x 2 epochs x 2 top-p values
+    labels = {c["label"]: c for c in configs}
+    assert len(labels) == 8
+    for label, config in labels.items():
+        assert ("epochs=2" in label) == (config["epochs"] == 2), label
+        assert ("top_p=0.9" in label) == (config["top_p"] == 0.9), label

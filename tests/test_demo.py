@@ -1,5 +1,8 @@
-"""`ta-opd demo`, shortened: the report's fields and the plot exist and the numbers are finite; the
-comparison's figures come from the same report code."""
+"""`ta-opd demo` at its full length is also the learning test of TA-OPD through verl: one verl run, 100
+steps of 128 prompts at ρ = 0.05 on the tiny pair (about 13 minutes on the 2-core machine). It checks the
+report's fields and plot, and that the student's validation accuracy rose by at least 10 points.
+
+How often the gain held: docs/benchmarks.md ("TA-OPD through verl's trainer on CPU")."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import math
 
 import pytest
 
-from ta_opd_verl.demo import run_demo
+from ta_opd_verl.demo import DEMO_LR, DEMO_SEED, DEMO_STEPS, TEST_FREQ, run_demo
 
 REPORT_FIELDS = (
     "teacher_accuracy",
@@ -18,17 +21,24 @@ REPORT_FIELDS = (
     "steps",
     "wall_seconds",
 )
+MIN_GAIN = 0.10
 
 
 @pytest.mark.e2e
-def test_shortened_demo_writes_a_finite_report_and_a_plot(tmp_path):
-    report = run_demo(tmp_path, steps=3, lr=1e-4, seed=0, test_freq=3, extra=[])
+def test_the_demo_reports_and_ta_opd_raises_validation_accuracy_by_ten_points(tmp_path):
+    report = run_demo(tmp_path, steps=DEMO_STEPS, lr=DEMO_LR, seed=DEMO_SEED, test_freq=TEST_FREQ, extra=[])
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["steps"] == 3
+    assert saved == json.loads(json.dumps(report))
+    assert saved["steps"] == DEMO_STEPS
     for field in REPORT_FIELDS:
         assert field in saved, field
         assert isinstance(saved[field], (int, float)) and math.isfinite(saved[field]), field
-    assert 0.0 < saved["kept_fraction"] < 0.2
+    # 5% plus one position per sample (min_keep_per_sample=1) of about 20 response positions each.
+    assert 0.05 <= saved["kept_fraction"] < 0.12
     assert saved["teacher_accuracy"] > 0.9
     assert (tmp_path / "report.png").stat().st_size > 10_000
-    assert report["validation_accuracy_by_step"]
+    curve = saved["validation_accuracy_by_step"]
+    assert sorted(map(int, curve)) == list(range(0, DEMO_STEPS + 1, TEST_FREQ))
+    gain = saved["student_accuracy_after"] - saved["student_accuracy_before"]
+    print(f"demo: accuracy {saved['student_accuracy_before']:.3f} -> {saved['student_accuracy_after']:.3f}")
+    assert gain >= MIN_GAIN, f"TA-OPD at 5% gained {gain:+.3f} in {DEMO_STEPS} steps; curve {curve}"

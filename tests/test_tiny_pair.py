@@ -116,7 +116,9 @@ def test_folders_load_and_agree(pair, models):
         assert GenerationConfig.from_pretrained(folder).eos_token_id == tokenizer.eos_token_id
         assert model.config.eos_token_id == tokenizer.eos_token_id
         assert (folder / "tokenizer.json").read_bytes() == (pair.student / "tokenizer.json").read_bytes()
-    assert teacher.config.hidden_size > student.config.hidden_size
+    # Same width, so the teacher is larger in depth and FFN: 695k against 384k parameters.
+    assert teacher.config.num_hidden_layers > student.config.num_hidden_layers
+    assert sum(p.numel() for p in teacher.parameters()) > 1.5 * sum(p.numel() for p in student.parameters())
 
 
 def test_chat_template_round_trips(models):

@@ -10,9 +10,9 @@ mini-batch's selected positions, the paper's Eq. 7). As in verl, the selection i
 with the student of the rollout, and a step whose gradient norm is not finite is skipped.
 
 Greedy accuracy on the pair's `val.parquet` is measured at step 0 and every `--eval-every` steps.
-Every combination of `--selector`, `--ratio`, `--lr`, `--min-keep` and `--teacher-topk` is one
-configuration, run once per seed; `--jobs` runs that many (configuration, seed) runs in parallel
-processes. Writes `onpolicy.json` (arguments, machine, per-seed curves and per-step records),
+Every combination of `--selector`, `--ratio`, `--lr`, `--min-keep`, `--teacher-topk`, `--top-p` and
+`--epochs` is one configuration, run once per seed; `--jobs` runs that many (configuration, seed) runs in
+parallel processes. Writes `onpolicy.json` (arguments, machine, per-seed curves and per-step records),
 `onpolicy.md` (mean ± sample std over seeds) and `onpolicy.png` (accuracy vs step) into `--out`.
 """
 
@@ -51,11 +51,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[16],
         help="teacher entries per position for scoring and loss; 0 = the full vocabulary",
     )
+    grid.add_argument(
+        "--top-p",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="rollout nucleus sampling (1 = full distribution)",
+    )
+    grid.add_argument(
+        "--epochs",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="passes over each rollout batch (verl's ppo_epochs)",
+    )
     loop = parser.add_argument_group("loop")
     loop.add_argument("--steps", type=int, default=150)
     loop.add_argument("--batch", type=int, default=32, help="prompts per step")
     loop.add_argument("--samples-per-prompt", type=int, default=1, help="responses sampled per prompt")
-    loop.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per step")
+    loop.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per epoch")
     loop.add_argument("--k", type=int, default=8, help="token_statistics support size (student top-k)")
     loop.add_argument("--max-new-tokens", type=int, default=32, help="response length cap")
     loop.add_argument("--weight-decay", type=float, default=0.01)
@@ -77,12 +91,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def configurations(args: argparse.Namespace) -> list[dict]:
     """The grid, in argument order; `full` ignores ρ and min-keep, so it appears once per lr and K_T."""
     out, seen = [], set()
-    for selector, ratio, lr, min_keep, topk in itertools.product(
-        args.selector, args.ratio, args.lr, args.min_keep, args.teacher_topk
+    for selector, ratio, lr, min_keep, topk, top_p, epochs in itertools.product(
+        args.selector, args.ratio, args.lr, args.min_keep, args.teacher_topk, args.top_p, args.epochs
     ):
         if selector == "full":
             ratio, min_keep = 1.0, 0
-        config = {"selector": selector, "ratio": ratio, "min_keep": min_keep, "lr": lr, "teacher_topk": topk}
+        config = {
+            "selector": selector,
+            "ratio": ratio,
+            "min_keep": min_keep,
+            "lr": lr,
+            "teacher_topk": topk,
+            "top_p": top_p,
+            "epochs": epochs,
+        }
         key = tuple(config.values())
         if key not in seen:
             seen.add(key)
@@ -92,11 +114,14 @@ def configurations(args: argparse.Namespace) -> list[dict]:
 
 def label(config: dict) -> str:
     support = "V" if config["teacher_topk"] == 0 else str(config["teacher_topk"])
+    common = f"lr={config['lr']:g} K_T={support}"
+    if config["top_p"] < 1:
+        common += f" top_p={config['top_p']:g}"
+    if config["epochs"] > 1:
+        common += f" epochs={config['epochs']}"
     if config["selector"] == "full":
-        return f"full lr={config['lr']:g} K_T={support}"
-    return (
-        f"{config['selector']} ρ={config['ratio']:g} m={config['min_keep']} lr={config['lr']:g} K_T={support}"
-    )
+        return f"full {common}"
+    return f"{config['selector']} ρ={config['ratio']:g} m={config['min_keep']} {common}"
 
 
 # ---- one run ----------------------------------------------------------------------------------------------
@@ -195,7 +220,13 @@ def run_one(config: dict, seed: int, settings: dict) -> dict:
             cursor += 1
         prompts = [p for p in prompts for _ in range(n)]
         responses = generate_responses(
-            student, tokenizer, prompts, do_sample=True, temperature=1.0, max_new_tokens=settings["max_new"]
+            student,
+            tokenizer,
+            prompts,
+            do_sample=True,
+            temperature=1.0,
+            top_p=config["top_p"],
+            max_new_tokens=settings["max_new"],
         )
         input_ids, attention, index, valid = _rollout_tensors(tokenizer, prompts, responses)
         with torch.no_grad():
@@ -219,8 +250,12 @@ def run_one(config: dict, seed: int, settings: dict) -> dict:
             reverse_kl_all = reverse_kl_on_teacher_support(rollout_logits, top_ids, top_lp)
 
         losses, grad_norms, skipped = [], [], 0
-        rows = torch.randperm(len(prompts))
-        for chunk in rows.chunk(settings["mini_batches"]):
+        mini_batches = [
+            chunk
+            for _ in range(config["epochs"])
+            for chunk in torch.randperm(len(prompts)).chunk(settings["mini_batches"])
+        ]
+        for chunk in mini_batches:
             mask = selected[chunk]
             logits = _response_logits(student, input_ids[chunk], attention[chunk], index[chunk])
             per_token = reverse_kl_on_teacher_support(logits, top_ids[chunk], top_lp[chunk])

@@ -93,7 +93,9 @@ class BuildSettings:
 
     seed: int = 0
     teacher: ModelShape = ModelShape(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=384)
-    student: ModelShape = ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256)
+    # As wide as the teacher, shallower and with a smaller FFN, stopped early: in 100 steps of 32 prompts,
+    # on-policy OPD at 5% taught a hidden-128 student +6.7 points, a hidden-64 one +3.9 (docs/benchmarks.md).
+    student: ModelShape = ModelShape(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256)
     batch_size: int = 32
     teacher_steps: int = 1700
     student_schedule_steps: int = 1500
@@ -103,7 +105,9 @@ class BuildSettings:
     label_smoothing: float = 0.05
     student_eval_every: int = 10
     student_eval_problems: int = 128
-    student_target: tuple[float, float] = (0.07, 0.15)
+    # Low, so the tasks OPD teaches quickly (spell, say) still have room: the gain a run can show is
+    # bounded by them (docs/tiny-pair.md).
+    student_target: tuple[float, float] = (0.03, 0.06)
     student_floor: float = 0.02
     eval_problems: int = 500
     train_rows: int = 2048

@@ -19,12 +19,14 @@ def generate_responses(
     *,
     do_sample: bool = False,
     temperature: float = 1.0,
+    top_p: float = 1.0,
     max_new_tokens: int = 32,
     batch_size: int = 128,
     threads: int | None = 1,
 ) -> list[list[int]]:
     """Response token ids (EOS included when produced, padding removed) for each prompt.
 
+    ``top_p`` < 1 samples from the nucleus (as vLLM's ``top_p``), else from the full distribution.
     The prompt is the chat template with the generation prompt, as verl builds it. Sampling draws from
     torch's global generator: seed it before calling for reproducible samples. ``threads`` pins torch's
     thread count for the call (None: leave it): on models this small, extra threads only add OpenMP
@@ -44,7 +46,7 @@ def generate_responses(
             texts = [render_chat(p) for p in prompts[start : start + batch_size]]
             batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
             kwargs = (
-                {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
                 if do_sample
                 else {"do_sample": False}
             )
