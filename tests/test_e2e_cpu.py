@@ -5,7 +5,6 @@ Each test is one verl start-up (about 1.5 minutes on a quiet 2-core machine) plu
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ta_opd_verl.batch_selection import selection_from_records
+from ta_opd_verl.batch_selection import load_selection_dump, selection_from_records
 from ta_opd_verl.launch import run_verl, tiny_pair_overrides
 from ta_opd_verl.tiny.build import build_tiny_pair
 
@@ -132,8 +131,7 @@ REPRODUCIBLE_ROLLOUTS = ["actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rol
 
 
 def _selection(out_dir, step: int) -> list[dict]:
-    path = out_dir / "selection" / f"step_{step}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return load_selection_dump(out_dir / "selection")[step]
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ raises); the run finishing shows the teacher pool was never requested.
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 
-from ta_opd_verl.batch_selection import selection_from_records
+from ta_opd_verl.batch_selection import load_selection_dump, selection_from_records
 from ta_opd_verl.launch import run_verl, tiny_pair_overrides
 from ta_opd_verl.tiny.build import build_tiny_pair
 
@@ -66,7 +65,7 @@ def test_ta_opd_with_the_colocated_fsdp_teacher_trains_on_one_logical_gpu(pair, 
         assert 0.0 < metrics[prefix + "sampled_outside_teacher_topk"] < 1.0, step
         for quantile in ("q05", "q50", "q95"):
             assert 0.0 <= metrics[f"{prefix}compatibility_{quantile}"] <= 1.0 + 1e-6, (step, quantile)
-        records = [json.loads(line) for line in (dump / f"step_{step}.jsonl").read_text().splitlines()]
+        records = load_selection_dump(dump)[step]
         assert sum(len(r["disagreement"]) for r in records) == n_valid
         assert [r["selected"] for r in records] == selection_from_records(records, "teachability", RATIO), (
             step
