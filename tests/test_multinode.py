@@ -41,10 +41,52 @@ NODE_CPUS, NODE_GPUS = 16, 1
 OBJECT_STORE_BYTES = 1536 * 2**20
 
 
-def free_port() -> int:
+# Each node's workers get a block of ports below the kernel's ephemeral range (32768-60999 on Linux), so that
+# no port handed out by `bind(0)` (our single ports, Ray's own outgoing connections) can fall inside one.
+WORKER_PORT_BLOCK = 201
+WORKER_PORT_FLOOR, WORKER_PORT_CEILING = 20_000, 32_000
+
+
+def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class PortPlan:
+    """Every port of the test cluster, each handed out once: single ports from the ephemeral range, worker
+    port blocks from below it. Ray refuses to start a node whose worker range holds one of its other ports
+    (it did once in CI when the block started at a random ephemeral port)."""
+
+    def __init__(self) -> None:
+        self.taken: set[int] = set()
+        self.next_block_start = WORKER_PORT_FLOOR
+
+    def port(self) -> int:
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in self.taken:
+                self.taken.add(port)
+                return port
+
+    def worker_block(self) -> tuple[int, int]:
+        start = self.next_block_start
+        while start + WORKER_PORT_BLOCK <= WORKER_PORT_CEILING:
+            block = range(start, start + WORKER_PORT_BLOCK)
+            busy = [port for port in block if port in self.taken or not port_is_free(port)]
+            if not busy:
+                self.taken.update(block)
+                self.next_block_start = block.stop
+                return block.start, block.stop - 1
+            start = busy[-1] + 1
+        raise RuntimeError(
+            f"no {WORKER_PORT_BLOCK} consecutive free ports between {WORKER_PORT_FLOOR} and {WORKER_PORT_CEILING}"
+        )
 
 
 class LocalRayCluster:
@@ -62,13 +104,14 @@ class LocalRayCluster:
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
         self.nodes: list[subprocess.Popen] = []
         self.logs: list = []
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
+        self.ports = PortPlan()
+        self.gcs_port = self.ports.port()
+        self.dashboard_port = self.ports.port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, name: str, role_arguments: list[str], num_cpus: int, num_gpus: int) -> None:
-        worker_ports = free_port()
+        min_worker_port, max_worker_port = self.ports.worker_block()
         command = [
             RAY,
             "start",
@@ -81,14 +124,14 @@ class LocalRayCluster:
             f"--temp-dir={self.root / name}",
             "--disable-usage-stats",
             # Two nodes on one host: every port a node opens must differ from the other node's.
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--min-worker-port={worker_ports}",
-            f"--max-worker-port={worker_ports + 200}",
+            f"--node-manager-port={self.ports.port()}",
+            f"--object-manager-port={self.ports.port()}",
+            f"--dashboard-agent-listen-port={self.ports.port()}",
+            f"--dashboard-agent-grpc-port={self.ports.port()}",
+            f"--metrics-export-port={self.ports.port()}",
+            f"--runtime-env-agent-port={self.ports.port()}",
+            f"--min-worker-port={min_worker_port}",
+            f"--max-worker-port={max_worker_port}",
         ]
         log = open(self.root / f"{name}.log", "w")
         self.logs.append(log)
@@ -105,7 +148,7 @@ class LocalRayCluster:
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={self.ports.port()}",
         ]
         self._start("head", head, num_cpus, num_gpus)
 
