@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ta_opd_verl.demo import DEMO_LR, build_report, demo_overrides
+from ta_opd_verl.demo import DEMO_LR, DEMO_PROMPTS, build_report, demo_overrides
 from ta_opd_verl.teachability import SELECTORS
 
 # ---- the comparison's plan (issue 6) ----
@@ -428,8 +428,8 @@ def write_outputs(out_dir: Path, plan: Sequence[PlannedRun], results: list[dict]
     header = [
         "# TA-OPD selectors and budgets on the tiny pair (`ta-opd compare`)",
         "",
-        f"{settings['steps']} steps per run, lr {settings['lr']:g}, the demo's settings "
-        f"(`ta_opd_verl/demo.py`){extra}. "
+        f"{settings['steps']} steps per run of {settings['prompts']} prompts, lr {settings['lr']:g}, "
+        f"otherwise the demo's settings (`ta_opd_verl/demo.py`, {DEMO_PROMPTS} prompts per step){extra}. "
         "Mean ± sample standard deviation over seeds (– for a single seed). Gain: verl's validation "
         "accuracy at the last step minus step 0's. Reverse-KL reduction: KL(student || teacher) on the "
         f"teacher's greedy answers to {HELDOUT_PROMPTS} validation prompts, initial minus trained student. "

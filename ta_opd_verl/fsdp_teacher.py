@@ -232,6 +232,7 @@ def score_with_teacher_logits(
             k=k,
             student_probs=student_probs,
             teacher_logprobs_at_student_topk=exact,
+            student_topk_ids=student_topk_ids.unsqueeze(0),
             entropy_mode=mode,
             # As in the server path: the full-vocabulary H is verl's own entropy output of this forward.
             student_entropy=None if mode == "topk" else torch.zeros((1, rows), device=student_logits.device),

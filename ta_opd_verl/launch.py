@@ -9,10 +9,13 @@ after ``--`` is passed to verl as Hydra overrides.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,29 +122,59 @@ def run_verl(
         f"hydra.run.dir={out_dir / 'hydra'}",
         *overrides,
     ]
+    result = supervise(command, out_dir, env, timeout=timeout, progress=progress)
+    if progress:
+        print(
+            f"[ta-opd] verl exited with {result.returncode} after {result.wall_seconds:.0f}s, peak memory "
+            f"+{result.peak_memory_gib:.1f} GiB; log: {result.log_path}"
+        )
+    return result
+
+
+def supervise(
+    command: list[str], out_dir: Path, env: dict[str, str], *, timeout: float | None, progress: bool
+) -> RunResult:
+    """Run ``command`` in ``out_dir`` with its output in ``out_dir/verl.log`` and wait for it, printing a
+    line per step of ``out_dir/metrics.jsonl``. Ctrl-C, SIGTERM or a timeout while waiting stop the child
+    too: verl's driver exits on SIGTERM and its Ray cluster with it."""
     started = time.monotonic()
-    with open(out_dir / LOG_FILE, "w") as log:
+    with open(out_dir / LOG_FILE, "w") as log, _sigterm_raises_system_exit():
         log.write(" ".join(command) + "\n")
         log.flush()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out_dir)
         memory = _MemoryWatch()
         try:
-            returncode = _wait_with_progress(process, metrics_path, started, timeout, progress, memory)
+            returncode = _wait_with_progress(
+                process, out_dir / METRICS_FILE, started, timeout, progress, memory
+            )
         finally:
-            # An interrupted or timed-out wait must not leave verl (and its Ray cluster) running.
             if process.poll() is None:
                 process.terminate()
                 try:
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
-    result = RunResult(returncode, out_dir, time.monotonic() - started, memory.peak_gib)
-    if progress:
-        print(
-            f"[ta-opd] verl exited with {returncode} after {result.wall_seconds:.0f}s, peak memory "
-            f"+{result.peak_memory_gib:.1f} GiB; log: {result.log_path}"
-        )
-    return result
+                    process.wait()
+    return RunResult(returncode, out_dir, time.monotonic() - started, memory.peak_gib)
+
+
+@contextlib.contextmanager
+def _sigterm_raises_system_exit():
+    """Python's default SIGTERM ends the process without running ``finally`` blocks, which would leave verl
+    (a child in our process group) and its Ray cluster running; raise SystemExit instead, so the
+    supervising ``finally`` stops them. Only the main thread may set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _MemoryWatch:

@@ -96,6 +96,7 @@ def token_statistics(
     student_entropy: torch.Tensor | None = None,
     entropy_mode: str = "full",
     chunk_size: int | None = None,
+    student_topk_ids: torch.Tensor | None = None,
 ) -> TokenStatistics:
     """Disagreement D, compatibility C and entropy H at every position (Eq. 8-10, 14, 17).
 
@@ -120,6 +121,8 @@ def token_statistics(
             `entropy_mode="topk"`.
         entropy_mode: `"full"` (paper) is the full-vocabulary entropy; `"topk"` (the authors' code) is
             the entropy of the student's top-k probabilities renormalised, divided by log k (0 for k=1).
+        student_topk_ids: optional `[..., k]` S as `torch.topk(student_logits, k).indices` gives it, when
+            the caller already has it (the fsdp teacher needs S before scoring); skips the top-k pass.
         chunk_size: rows (positions) per block. Results do not depend on it. The working memory is one
             `[chunk_size, V]` float32 log-prob buffer (never more than one `[N, V]`), plus a buffer of
             about 32 MiB for the entropy pass. Default: blocks of about 256 MiB.
@@ -145,6 +148,10 @@ def token_statistics(
             f"teacher_logprobs_at_student_topk must have shape {(*lead, k)}, "
             f"got {tuple(teacher_logprobs_at_student_topk.shape)}"
         )
+    if student_topk_ids is not None and student_topk_ids.shape != (*lead, k):
+        raise ValueError(
+            f"student_topk_ids must have shape {(*lead, k)}, got {tuple(student_topk_ids.shape)}"
+        )
     if student_entropy is not None and student_entropy.shape != lead:
         raise ValueError(f"student_entropy must have shape {tuple(lead)}, got {tuple(student_entropy.shape)}")
     if chunk_size is not None and chunk_size < 1:
@@ -159,6 +166,7 @@ def token_statistics(
     exact_lp = None
     if teacher_logprobs_at_student_topk is not None:
         exact_lp = teacher_logprobs_at_student_topk.detach().reshape(n_rows, k).float()
+    given_topk_ids = None if student_topk_ids is None else student_topk_ids.reshape(n_rows, k).long()
     full_entropy_pass = entropy_mode == "full" and student_entropy is None
 
     disagreement = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -177,10 +185,10 @@ def token_statistics(
         x = logits[rows]
         log_probs = log_probs_buffer[: x.shape[0]]
         _log_softmax_into(x, log_probs, sub_block)
-        student_topk_ids = torch.topk(x, k, dim=-1).indices
+        topk_ids = torch.topk(x, k, dim=-1).indices if given_topk_ids is None else given_topk_ids[rows]
         d, c, student_topk_lp = _union_statistics(
             log_probs,
-            student_topk_ids,
+            topk_ids,
             teacher_ids[rows],
             teacher_lp[rows],
             k,

@@ -23,7 +23,7 @@ from ta_opd_verl.compare import (
 )
 
 TA_OPD = "distillation.distillation_loss.ta_opd"
-SETTINGS = {"steps": 25, "lr": 3e-4, "extra": []}
+SETTINGS = {"steps": 25, "lr": 3e-4, "prompts": 32, "extra": []}
 
 
 def _result(selector, ratio, seed, *, before, after, kl_after, wall, kept, kl_before=0.5) -> dict:
@@ -234,6 +234,7 @@ def test_outputs_hold_the_table_the_summary_the_plot_and_the_missing_runs(tmp_pa
     table = (tmp_path / "table.md").read_text()
     assert table.endswith(render_table(aggregate(FIXED_RESULTS)))
     assert "Missing runs (1 of 5): teachability-r0.03-s0." in table
+    assert "25 steps per run of 32 prompts, lr 0.0003" in table
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 

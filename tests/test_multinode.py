@@ -85,7 +85,8 @@ class PortPlan:
                 return block.start, block.stop - 1
             start = busy[-1] + 1
         raise RuntimeError(
-            f"no {WORKER_PORT_BLOCK} consecutive free ports between {WORKER_PORT_FLOOR} and {WORKER_PORT_CEILING}"
+            f"no {WORKER_PORT_BLOCK} consecutive free ports "
+            f"between {WORKER_PORT_FLOOR} and {WORKER_PORT_CEILING}"
         )
 
 

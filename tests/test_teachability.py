@@ -244,6 +244,7 @@ def test_inputs_that_require_grad_are_accepted():
         ({"chunk_size": 0}, "chunk_size"),
         ({"student_entropy": torch.zeros(3)}, "student_entropy"),
         ({"teacher_logprobs_at_student_topk": torch.zeros(2, 3, 5)}, "teacher_logprobs_at_student_topk"),
+        ({"student_topk_ids": torch.zeros(2, 3, 5, dtype=torch.long)}, "student_topk_ids"),
     ],
 )
 def test_invalid_arguments_are_rejected(kwargs, message):
@@ -296,6 +297,23 @@ def test_ranges_and_chunk_independence(seed, vocab, data):
     chunk = data.draw(st.integers(1, rows))
     chunked = token_statistics(logits, ids, lps, k=k, student_probs=student_probs, chunk_size=chunk)
     for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a, b)
+    # S handed in (as the fsdp teacher does) instead of computed: the same statistics, in any chunking.
+    given = token_statistics(
+        logits,
+        ids,
+        lps,
+        k=k,
+        student_probs=student_probs,
+        chunk_size=chunk,
+        entropy_mode="topk",
+        student_topk_ids=torch.topk(logits, k).indices,
+    )
+    for a, b in zip(
+        token_statistics(logits, ids, lps, k=k, student_probs=student_probs, entropy_mode="topk"),
+        given,
+        strict=True,
+    ):
         assert torch.equal(a, b)
 
 
