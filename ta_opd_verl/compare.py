@@ -453,8 +453,8 @@ def plot_comparison(rows: Sequence[dict], path: Path) -> None:
 
     at_main = [row for row in rows if row["ratio"] == MAIN_RATIO]
     budget = sorted((row for row in rows if row["selector"] == BUDGET_SELECTOR), key=lambda row: row["ratio"])
-    figure, (gain_axis, kl_axis, budget_axis) = plt.subplots(1, 3, figsize=(15, 4.5))
-    names = [f"{row['selector']}\n(kept {100 * row['kept_fraction']['mean']:.1f}%)" for row in at_main]
+    figure, (gain_axis, kl_axis, budget_axis) = plt.subplots(1, 3, figsize=(17, 4.5))
+    names = [f"{row['selector']}\nkept {100 * row['kept_fraction']['mean']:.1f}%" for row in at_main]
     for axis, field, scale, label in (
         (gain_axis, "gain", 100, "accuracy gain (points)"),
         (kl_axis, "kl_reduction", 1, "held-out reverse-KL reduction (nats)"),
