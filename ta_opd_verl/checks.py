@@ -68,9 +68,16 @@ def check_ta_opd_config(config: DictConfig) -> None:
             f"{SEQUENCE_PARALLEL_KEY}={sequence_parallel}: the fsdp teacher scores whole sequences, not "
             f"Ulysses slices; accepted with {TEACHER_KEY}=fsdp: 1"
         )
+    configured_teachers = _select(config, "distillation.teacher_models", {}) or {}
+    if uses_fsdp_teacher(config) and len(configured_teachers) > 1:
+        raise TAOPDConfigError(
+            f"distillation.teacher_models has {len(configured_teachers)} teachers "
+            f"({', '.join(configured_teachers)}): multi-teacher routing needs {TEACHER_KEY}=server; "
+            f"{TEACHER_KEY}=fsdp runs the one teacher at {TEACHER_PATH_KEY}"
+        )
     # The fsdp teacher leaves distillation.teacher_models unused: verl's teacher servers are not started.
-    teacher_models = {} if uses_fsdp_teacher(config) else _select(config, "distillation.teacher_models", {})
-    for name, teacher in (teacher_models or {}).items():
+    teacher_models = {} if uses_fsdp_teacher(config) else configured_teachers
+    for name, teacher in teacher_models.items():
         engine = OmegaConf.select(teacher, "inference.name")
         if engine != "vllm":
             raise TAOPDConfigError(

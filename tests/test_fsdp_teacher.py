@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf, open_dict
 from verl_fixtures import compose_config, nested, teacher_with_swapped_tokens
 
 from ta_opd_verl.checks import TAOPDConfigError, check_model_paths, check_ta_opd_config
@@ -288,6 +289,15 @@ def test_exact_compatibility_with_server_teachers_is_still_refused():
         "ta_opd_cpu", [UNUSED_SERVER_TEACHER, "distillation.distillation_loss.ta_opd.compatibility=exact"]
     )
     with pytest.raises(TAOPDConfigError, match=r"compatibility=exact.*ta_opd\.teacher=fsdp"):
+        check_ta_opd_config(config)
+
+
+def test_several_server_teachers_are_refused_with_the_fsdp_teacher(pair):
+    config = _fsdp_config(pair.teacher)
+    second = OmegaConf.to_container(config.distillation.teacher_models.teacher_model)
+    with open_dict(config):
+        config.distillation.teacher_models["math_teacher"] = second
+    with pytest.raises(TAOPDConfigError, match=r"2 teachers \(teacher_model, math_teacher\).*teacher=server"):
         check_ta_opd_config(config)
 
 
