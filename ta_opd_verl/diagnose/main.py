@@ -14,7 +14,7 @@ What is simplified: the intervention trains on the frozen bank (no new rollouts,
 full-batch Adam; the paper's θτ for the correlational analysis is an on-policy OPD run, which
 `--trained` accepts.
 
-    ta-opd diagnose                                       # tiny pair on CPU (built or reused), ~5 min
+    ta-opd diagnose                                       # tiny pair on CPU (built or reused), ~7 min
     ta-opd diagnose --teacher Qwen3-4B --student Qwen3-1.7B --data train.parquet \\
         --trained ckpt/global_step_100/huggingface --device cuda --dtype bfloat16 --k 8 16 32
 """
