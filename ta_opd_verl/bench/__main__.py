@@ -5,12 +5,13 @@ Commands:
     python -m ta_opd_verl.bench scoring --n 64 --v 1000 --k 4 --repeats 1   # smoke run, seconds
     python -m ta_opd_verl.bench onpolicy --selector full teachability --seeds 0 1   # tiny pair, minutes
     python -m ta_opd_verl.bench teacher --steps 20      # fsdp vs server teacher through verl, minutes
+    python -m ta_opd_verl.bench cpu-share --metrics outputs/demo/metrics.jsonl   # who uses the CPU in a run
 """
 
 import argparse
 import sys
 
-from ta_opd_verl.bench import onpolicy, scoring, teacher
+from ta_opd_verl.bench import cpu_share, onpolicy, scoring, teacher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
             help="fsdp vs server teacher through verl's trainer on the tiny pair: step time, selection",
         )
     )
+    cpu_share.add_arguments(
+        commands.add_parser(
+            "cpu-share", help="CPU share of each process group (Ray actors, vLLM engines) during a run"
+        )
+    )
     args = parser.parse_args(argv)
     if args.command == "scoring":
         scoring.run(args)
@@ -39,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         onpolicy.run(args)
     elif args.command == "teacher":
         teacher.run(args)
+    elif args.command == "cpu-share":
+        cpu_share.run(args)
     return 0
 
 

@@ -16,7 +16,7 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def machine_info(threads: int, packages: tuple[str, ...], **extra) -> dict:
+def machine_info(threads: int | None, packages: tuple[str, ...], **extra) -> dict:
     """Date, platform, CPU counts, load, torch threads and the versions of ``packages``, plus ``extra``."""
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
