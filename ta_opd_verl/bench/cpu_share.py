@@ -71,9 +71,16 @@ def snapshot() -> dict[int, tuple[str, float]]:
     return found
 
 
+def logged_lines(metrics: Path | None) -> int | None:
+    """Lines verl's file logger has written to ``metrics`` (0 before the file exists; None without one)."""
+    if metrics is None:
+        return None
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
 def wait_for_steps(metrics: Path, steps: int, poll: float = 2.0) -> None:
     """Until verl's file logger has written ``steps`` lines (validation at step 0 is one of them)."""
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+    while logged_lines(metrics) < steps:
         time.sleep(poll)
 
 
@@ -102,10 +109,10 @@ def run(args: argparse.Namespace) -> None:
     if args.metrics is not None:
         print(f"[bench cpu-share] waiting for {args.after_steps} lines in {args.metrics}", flush=True)
         wait_for_steps(args.metrics, args.after_steps)
-    steps_before = len(args.metrics.read_text().splitlines()) if args.metrics else None
+    steps_before = logged_lines(args.metrics)
     print(f"[bench cpu-share] sampling for {args.seconds:.0f}s", flush=True)
     shares, wall = measure(args.seconds)
-    steps_after = len(args.metrics.read_text().splitlines()) if args.metrics else None
+    steps_after = logged_lines(args.metrics)
     cores = psutil.cpu_count()
     used = sum(share for _, share in shares)
     print(f"window {wall:.0f}s: {used:.2f} of {cores} cores used; share of one core by process group:")
