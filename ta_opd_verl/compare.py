@@ -1,7 +1,9 @@
 """`ta-opd compare`: TA-OPD's selectors and budgets through verl's trainer on the tiny pair (a benchmark).
 
-Runs, with the same step budget and the demo's settings (`ta_opd_verl.demo`) at 32 prompts per step
-instead of the demo's 128 (so that a run, start-up included, takes about 3 minutes), the selectors `full`,
+Runs, with the same step budget and the demo's TA-OPD settings (`ta_opd_verl.demo.demo_overrides`) at 32
+prompts per step instead of the demo's 128 (so that a run, start-up included, takes about 3 minutes),
+with verl's vLLM teacher server and top-p 1 rollouts (the demo's own `demo_runtime_overrides` came after
+the comparison was measured), the selectors `full`,
 `teachability`, `random`, `entropy`, `raw_kl` and `tip` at ρ = 0.05 with 3 training seeds each, and
 `teachability` at ρ = 0.01, 0.03, 0.10 and 0.20 with one seed: 22 runs of
 ``python -m verl.trainer.main_ppo`` with ``conf/ta_opd_cpu.yaml``. Each run validates at step 0 and at its
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ta_opd_verl.demo import DEMO_LR, DEMO_PROMPTS, build_report, demo_overrides
+from ta_opd_verl.demo import DEMO_LR, DEMO_PROMPTS, TA_OPD_KEY, build_report, demo_overrides
 from ta_opd_verl.teachability import SELECTORS
 
 # ---- the comparison's plan (issue 6) ----
@@ -64,7 +66,6 @@ HELDOUT_FILE = "heldout.parquet"
 
 RESULT_FILE = "result.json"
 CONFIG_NAME = "ta_opd_cpu"
-TA_OPD_KEY = "distillation.distillation_loss.ta_opd"
 NO_STD = "–"
 
 
@@ -429,7 +430,8 @@ def write_outputs(out_dir: Path, plan: Sequence[PlannedRun], results: list[dict]
         "# TA-OPD selectors and budgets on the tiny pair (`ta-opd compare`)",
         "",
         f"{settings['steps']} steps per run of {settings['prompts']} prompts, lr {settings['lr']:g}, "
-        f"otherwise the demo's settings (`ta_opd_verl/demo.py`, {DEMO_PROMPTS} prompts per step){extra}. "
+        f"otherwise the demo's TA-OPD settings (`ta_opd_verl/demo.py`, {DEMO_PROMPTS} prompts per step) "
+        f"with verl's vLLM teacher server and top-p 1 rollouts{extra}. "
         "Mean ± sample standard deviation over seeds (– for a single seed). Gain: verl's validation "
         "accuracy at the last step minus step 0's. Reverse-KL reduction: KL(student || teacher) on the "
         f"teacher's greedy answers to {HELDOUT_PROMPTS} validation prompts, initial minus trained student. "
