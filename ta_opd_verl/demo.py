@@ -3,9 +3,8 @@
 Builds (or reuses) the tiny teacher/student pair, runs ``python -m verl.trainer.main_ppo`` with
 ``conf/ta_opd_cpu.yaml`` (vLLM-CPU student rollouts, the teacher colocated in the actor's worker with
 exact compatibility, 5% teachability selection, the OPD update, validation), prints a line per step, and
-writes
-``outputs/demo/report.json`` and ``outputs/demo/report.png`` (validation accuracy and the sampled-token
-reverse KL per step).
+writes ``outputs/demo/report.json`` and ``outputs/demo/report.png`` (validation accuracy and the
+sampled-token reverse KL per step).
 """
 
 from __future__ import annotations
@@ -82,6 +81,15 @@ def demo_runtime_overrides(pair, prompts: int = DEMO_PROMPTS) -> list[str]:
     ]
 
 
+def demo_run_overrides(pair, *, steps: int, lr: float, seed: int, test_freq: int) -> list[str]:
+    """Every override the demo hands verl besides the caller's own."""
+    return [
+        *tiny_pair_overrides(pair),
+        *demo_overrides(steps, lr, seed, test_freq),
+        *demo_runtime_overrides(pair),
+    ]
+
+
 def build_report(result: RunResult, pair_manifest: dict, seed: int) -> dict:
     """The demo's numbers from verl's JSONL metrics (validation at step 0 is the starting accuracy)."""
     entries = result.metrics()
@@ -146,12 +154,7 @@ def run_demo(out_dir: Path, *, steps: int, lr: float, seed: int, test_freq: int,
     print(f"[ta-opd demo] seed {seed}; building or reusing the tiny pair", flush=True)
     pair = build_tiny_pair()
     print(f"[ta-opd demo] TA-OPD at 5% for {steps} steps through verl's trainer (start-up takes ~1.5 min)")
-    overrides = [
-        *tiny_pair_overrides(pair),
-        *demo_overrides(steps, lr, seed, test_freq),
-        *demo_runtime_overrides(pair),
-        *extra,
-    ]
+    overrides = [*demo_run_overrides(pair, steps=steps, lr=lr, seed=seed, test_freq=test_freq), *extra]
     result = run_verl("ta_opd_cpu", overrides, out_dir)
     if result.returncode != 0:
         raise SystemExit(f"verl failed (exit {result.returncode}); see {result.log_path}")
