@@ -90,3 +90,32 @@ def test_epochs_and_top_p_are_grid_axes_named_in_the_labels():
     for label, config in labels.items():
         assert ("epochs=2" in label) == (config["epochs"] == 2), label
         assert ("top_p=0.9" in label) == (config["top_p"] == 0.9), label
+
+
+@pytest.mark.parametrize("min_lr_ratio", [0.0, 0.1])
+def test_cosine_schedule_matches_verls_scheduler_step_for_step(min_lr_ratio):
+    from verl.utils.torch_functional import get_cosine_schedule_with_warmup
+
+    from ta_opd_verl.bench.onpolicy import lr_factor
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    verl_schedule = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=0, num_training_steps=80, min_lr_ratio=min_lr_ratio
+    )
+    for step in range(81):
+        assert lr_factor("cosine", step, 80, min_lr_ratio) == pytest.approx(verl_schedule.get_last_lr()[0])
+        assert lr_factor("constant", step, 80, min_lr_ratio) == 1.0
+        optimizer.step()
+        verl_schedule.step()
+
+
+def test_lr_schedule_is_a_grid_axis_named_in_the_labels():
+    import argparse
+
+    from ta_opd_verl.bench.onpolicy import add_arguments, configurations
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    configs = configurations(parser.parse_args(["--lr-schedule", "constant", "cosine"]))
+    assert [c["lr_schedule"] for c in configs] == ["constant", "cosine"]
+    assert ["cosine" in c["label"] for c in configs] == [False, True]

@@ -4,16 +4,17 @@ Each step: the student samples one response per prompt (Hugging Face `generate`,
 or top-p), the teacher and the student score the sequences in one no-grad forward each, positions are
 scored by `token_statistics` (on the teacher's top-K) and selected by `select_positions` over the whole
 batch (global budget ρ plus `min_keep_per_sample`), then the batch is split into mini-batches and each
-takes one AdamW step (weight decay 0.01, grad-norm clip 1.0, constant lr: verl's actor defaults) on the
+takes one AdamW step (weight decay 0.01, grad-norm clip 1.0, constant lr: verl's actor defaults, or
+`--lr-schedule cosine`: verl's half-cosine decay to `--min-lr-ratio`, stepped once per rollout step) on the
 plugin's `reverse_kl_on_teacher_support` aggregated by `masked_aggregate` (token-mean over the
 mini-batch's selected positions, the paper's Eq. 7). As in verl, the selection is made once per step
 with the student of the rollout, and a step whose gradient norm is not finite is skipped.
 
 Greedy accuracy on the pair's `val.parquet` is measured at step 0 and every `--eval-every` steps.
-Every combination of `--selector`, `--ratio`, `--lr`, `--min-keep`, `--teacher-topk`, `--top-p` and
-`--epochs` is one configuration, run once per seed; `--jobs` runs that many (configuration, seed) runs in
-parallel processes. Writes `onpolicy.json` (arguments, machine, per-seed curves and per-step records),
-`onpolicy.md` (mean ± sample std over seeds) and `onpolicy.png` (accuracy vs step) into `--out`.
+Every combination of `--selector`, `--ratio`, `--lr`, `--lr-schedule`, `--min-keep`, `--teacher-topk`,
+`--top-p` and `--epochs` is one configuration, run once per seed; `--jobs` runs that many (configuration,
+seed) runs in parallel processes. Writes `onpolicy.json` (arguments, machine, per-seed curves and per-step
+records), `onpolicy.md` (mean ± sample std over seeds) and `onpolicy.png` (accuracy vs step) into `--out`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -34,13 +36,30 @@ from ta_opd_verl.loss import masked_aggregate, reverse_kl_on_teacher_support
 from ta_opd_verl.teachability import SELECTORS, select_positions, token_statistics
 
 RESULT_NAME = "onpolicy"
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, min_lr_ratio: float) -> float:
+    """The lr multiplier after `step` scheduler steps: verl's `get_cosine_schedule_with_warmup` without
+    warmup (num_cycles 0.5, zero-indexed), which verl's actor steps once per training step."""
+    if schedule == "constant":
+        return 1.0
+    progress = step / max(1, total_steps)
+    return max(min_lr_ratio, min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid = parser.add_argument_group("grid (every combination is one configuration)")
     grid.add_argument("--selector", nargs="+", default=["teachability"], choices=SELECTORS)
     grid.add_argument("--ratio", type=float, nargs="+", default=[0.05], help="budget ρ (ignored by full)")
-    grid.add_argument("--lr", type=float, nargs="+", default=[3e-4], help="AdamW learning rate (constant)")
+    grid.add_argument("--lr", type=float, nargs="+", default=[3e-4], help="AdamW (peak) learning rate")
+    grid.add_argument(
+        "--lr-schedule",
+        nargs="+",
+        default=["constant"],
+        choices=LR_SCHEDULES,
+        help="verl's lr_scheduler_type: constant, or a half-cosine from lr to lr × --min-lr-ratio",
+    )
     grid.add_argument(
         "--min-keep", type=int, nargs="+", default=[1], help="min_keep_per_sample (ignored by full)"
     )
@@ -74,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--max-new-tokens", type=int, default=32, help="response length cap")
     loop.add_argument("--weight-decay", type=float, default=0.01)
     loop.add_argument("--grad-clip", type=float, default=1.0)
+    loop.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine schedule's floor (verl's)")
     loop.add_argument("--seeds", type=int, nargs="+", default=[0], help="several: mean ± std over them")
     loop.add_argument("--student", type=Path, default=None, help="another student folder (same tokenizer)")
     evaluation = parser.add_argument_group("evaluation and output")
@@ -91,8 +111,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def configurations(args: argparse.Namespace) -> list[dict]:
     """The grid, in argument order; `full` ignores ρ and min-keep, so it appears once per lr and K_T."""
     out, seen = [], set()
-    for selector, ratio, lr, min_keep, topk, top_p, epochs in itertools.product(
-        args.selector, args.ratio, args.lr, args.min_keep, args.teacher_topk, args.top_p, args.epochs
+    for selector, ratio, lr, schedule, min_keep, topk, top_p, epochs in itertools.product(
+        args.selector,
+        args.ratio,
+        args.lr,
+        args.lr_schedule,
+        args.min_keep,
+        args.teacher_topk,
+        args.top_p,
+        args.epochs,
     ):
         if selector == "full":
             ratio, min_keep = 1.0, 0
@@ -101,6 +128,7 @@ def configurations(args: argparse.Namespace) -> list[dict]:
             "ratio": ratio,
             "min_keep": min_keep,
             "lr": lr,
+            "lr_schedule": schedule,
             "teacher_topk": topk,
             "top_p": top_p,
             "epochs": epochs,
@@ -115,6 +143,8 @@ def configurations(args: argparse.Namespace) -> list[dict]:
 def label(config: dict) -> str:
     support = "V" if config["teacher_topk"] == 0 else str(config["teacher_topk"])
     common = f"lr={config['lr']:g} K_T={support}"
+    if config["lr_schedule"] != "constant":
+        common += f" {config['lr_schedule']}"
     if config["top_p"] < 1:
         common += f" top_p={config['top_p']:g}"
     if config["epochs"] > 1:
@@ -195,6 +225,10 @@ def run_one(config: dict, seed: int, settings: dict) -> dict:
     optimizer = torch.optim.AdamW(
         student.parameters(), lr=config["lr"], weight_decay=settings["weight_decay"]
     )
+    steps = settings["steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(config["lr_schedule"], step, steps, settings["min_lr_ratio"])
+    )
 
     torch.manual_seed(seed)  # sampling in generate and the mini-batch order draw from the global generator
     order_generator = torch.Generator().manual_seed(seed)
@@ -204,7 +238,7 @@ def run_one(config: dict, seed: int, settings: dict) -> dict:
         result = greedy_accuracy(student, tokenizer, val)
         return {"step": step, "accuracy": result["accuracy"], "per_task": result["per_task"]}
 
-    steps, batch, n = settings["steps"], settings["batch"], settings["samples_per_prompt"]
+    batch, n = settings["batch"], settings["samples_per_prompt"]
     curve = [evaluate(0)]
     print(f"{tag} step 0/{steps}: accuracy {curve[-1]['accuracy']:.1%}", flush=True)
     records: list[dict] = []
@@ -276,6 +310,8 @@ def run_one(config: dict, seed: int, settings: dict) -> dict:
                 skipped += 1
             losses.append(loss.item())
             grad_norms.append(grad_norm.item())
+        step_lr = scheduler.get_last_lr()[0]
+        scheduler.step()
 
         valid_per_sample = valid.sum(-1)
         selected_per_sample = selected.sum(-1)
@@ -290,6 +326,7 @@ def run_one(config: dict, seed: int, settings: dict) -> dict:
                 "loss": statistics.fmean(losses),
                 "grad_norm": statistics.fmean(grad_norms),
                 "skipped_updates": skipped,
+                "lr": step_lr,
                 "reverse_kl_selected": float(reverse_kl_all[selected].mean()) if selected.any() else 0.0,
                 "reverse_kl_all": float(reverse_kl_all[valid].mean()),
                 "response_length": float(valid_per_sample.float().mean()),
@@ -402,6 +439,8 @@ def _check(args: argparse.Namespace) -> None:
         raise SystemExit("--ratio must be in [0, 1] and --min-keep >= 0")
     if any(lr < 0 for lr in args.lr) or any(t < 0 for t in args.teacher_topk):
         raise SystemExit("--lr and --teacher-topk must be >= 0")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise SystemExit("--min-lr-ratio must be in [0, 1]")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -428,6 +467,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_new": args.max_new_tokens,
         "weight_decay": args.weight_decay,
         "grad_clip": args.grad_clip,
+        "min_lr_ratio": args.min_lr_ratio,
         "eval_every": args.eval_every,
         "log_every": args.log_every,
     }
