@@ -1,10 +1,10 @@
 """`ta-opd compare`: TA-OPD's selectors and budgets through verl's trainer on the tiny pair (a benchmark).
 
-Runs, with the same step budget and the demo's TA-OPD settings (`ta_opd_verl.demo.demo_overrides`) at 32
-prompts per step instead of the demo's 128 (so that a run, start-up included, takes about 3 minutes),
-with verl's vLLM teacher server and top-p 1 rollouts (the demo's own `demo_runtime_overrides` came after
-the comparison was measured), the selectors `full`,
-`teachability`, `random`, `entropy`, `raw_kl` and `tip` at ρ = 0.05 with 3 training seeds each, and
+Runs, with the same step budget and the demo's settings (`ta_opd_verl.demo.demo_run_overrides`: 128
+prompts per step, top-p 0.7 rollouts, the teacher colocated in the actor's worker with exact
+compatibility) for 16 steps instead of the demo's 80 (so that a run, start-up included, takes about 3
+minutes), the selectors `full`, `teachability`, `random`, `entropy`, `raw_kl` and `tip` at ρ = 0.05 with 3
+training seeds each, and
 `teachability` at ρ = 0.01, 0.03, 0.10 and 0.20 with one seed: 22 runs of
 ``python -m verl.trainer.main_ppo`` with ``conf/ta_opd_cpu.yaml``. Each run validates at step 0 and at its
 last step and saves its student as a Hugging Face model; after it, the student's reverse KL
@@ -13,8 +13,8 @@ KL(p_student || p_teacher) is measured on a fixed held-out set (the teacher's gr
 trained student. Written to ``--out`` (default ``outputs/compare``):
 
 - ``runs/<name>/result.json``: one run's numbers, written only after the run succeeded; a run whose
-  result.json exists with the same settings (steps, lr, prompts per step, extra overrides, and the tiny
-  pair's settings hash) is reused, any other run folder
+  result.json exists with the same settings (steps, lr, prompts per step, the demo's runtime overrides,
+  extra overrides, and the tiny pair's settings hash) is reused, any other run folder
   is cleared and run again, so an interrupted comparison resumes where it stopped;
 - ``table.md``: per selector and ρ, mean ± sample standard deviation over seeds of the accuracy gain,
   the held-out reverse-KL reduction and the wall time, with the actual kept fraction beside the gain
@@ -43,7 +43,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ta_opd_verl.demo import DEMO_LR, DEMO_PROMPTS, TA_OPD_KEY, build_report, demo_overrides
+from ta_opd_verl.demo import (
+    DEMO_LR,
+    DEMO_PROMPTS,
+    DEMO_STEPS,
+    DEMO_TOP_P,
+    TA_OPD_KEY,
+    build_report,
+    demo_run_overrides,
+    demo_runtime_overrides,
+)
 from ta_opd_verl.teachability import SELECTORS
 
 # ---- the comparison's plan (issue 6) ----
@@ -52,10 +61,10 @@ MAIN_RATIO = 0.05
 BUDGET_SELECTOR = "teachability"
 BUDGET_RATIOS = (0.01, 0.03, 0.10, 0.20)
 SEEDS = 3
-# About 3 minutes a run on a quiet 2-core machine: verl's start-up (~80-100 s), two validations (~7 s
-# each), the checkpoint, and ~2.5 s per step (docs/benchmarks.md).
-COMPARE_STEPS = 25
-COMPARE_PROMPTS = 32
+# About 3 minutes a run on a quiet 2-core machine: verl's start-up with the colocated teacher (~80 s), two
+# validations (~6 s each), the Hugging Face export, and ~5.2 s per step of 128 prompts (the demo's step
+# times in docs/benchmarks.md).
+COMPARE_STEPS = 16
 ESTIMATED_RUN_SECONDS = 180.0
 
 # ---- the held-out set of the reverse-KL measurement ----
@@ -98,11 +107,11 @@ def comparison_plan(
     return plan
 
 
-def run_overrides(run: PlannedRun, steps: int, lr: float, extra: Sequence[str] = ()) -> list[str]:
-    """verl overrides of one run besides the tiny pair's paths: the demo's settings and seeds, the run's
+def run_overrides(run: PlannedRun, steps: int, lr: float, pair, extra: Sequence[str] = ()) -> list[str]:
+    """verl overrides of one run: the demo's (the pair's paths, settings, seeds and runtime), the run's
     selector and ratio, validation at step 0 and the last step only, a Hugging Face export at the end."""
     overrides = [
-        *demo_overrides(steps, lr, run.seed, test_freq=steps, prompts=COMPARE_PROMPTS),
+        *demo_run_overrides(pair, steps=steps, lr=lr, seed=run.seed, test_freq=steps),
         f"{TA_OPD_KEY}.selector={run.selector}",
         f"{TA_OPD_KEY}.ratio={run.ratio:g}",
         f"trainer.save_freq={steps}",
@@ -269,17 +278,11 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 class VerlRun:
-    """The real `execute` of `run_comparison`: verl's trainer, then the held-out reverse KL. The pair and
-    the held-out set are prepared at the first run, so a fully reused comparison loads no model."""
+    """The real `execute` of `run_comparison`: verl's trainer, then the held-out reverse KL. The held-out
+    set is prepared at the first run, so a fully reused comparison loads no model."""
 
-    def __init__(self, out_dir: Path, steps: int, lr: float, extra: Sequence[str]) -> None:
-        self.out_dir, self.steps, self.lr, self.extra = out_dir, steps, lr, list(extra)
-
-    @cached_property
-    def pair(self):
-        from ta_opd_verl.tiny.build import build_tiny_pair
-
-        return build_tiny_pair()
+    def __init__(self, pair, out_dir: Path, steps: int, lr: float, extra: Sequence[str]) -> None:
+        self.pair, self.out_dir, self.steps, self.lr, self.extra = pair, out_dir, steps, lr, list(extra)
 
     @cached_property
     def heldout(self) -> HeldoutReverseKL:
@@ -291,9 +294,9 @@ class VerlRun:
 
     def __call__(self, run: PlannedRun, run_dir: Path) -> dict:
         from ta_opd_verl.diagnose.models import CheckpointError, check_trained_checkpoint, config_vocab_size
-        from ta_opd_verl.launch import run_verl, tiny_pair_overrides
+        from ta_opd_verl.launch import run_verl
 
-        overrides = tiny_pair_overrides(self.pair) + run_overrides(run, self.steps, self.lr, self.extra)
+        overrides = run_overrides(run, self.steps, self.lr, self.pair, self.extra)
         outcome = run_verl(CONFIG_NAME, overrides, run_dir, progress=False)
         if outcome.returncode != 0:
             raise RunFailed(f"verl exited with {outcome.returncode}; see {outcome.log_path}")
@@ -430,8 +433,8 @@ def write_outputs(out_dir: Path, plan: Sequence[PlannedRun], results: list[dict]
         "# TA-OPD selectors and budgets on the tiny pair (`ta-opd compare`)",
         "",
         f"{settings['steps']} steps per run of {settings['prompts']} prompts, lr {settings['lr']:g}, "
-        f"otherwise the demo's TA-OPD settings (`ta_opd_verl/demo.py`, {DEMO_PROMPTS} prompts per step) "
-        f"with verl's vLLM teacher server and top-p 1 rollouts{extra}. "
+        f"otherwise the demo's settings (`ta_opd_verl/demo.py`, {DEMO_STEPS} steps): top-p {DEMO_TOP_P:g} "
+        f"rollouts, the teacher colocated in the actor's worker with exact compatibility{extra}. "
         "Mean ± sample standard deviation over seeds (– for a single seed). Gain: verl's validation "
         "accuracy at the last step minus step 0's. Reverse-KL reduction: KL(student || teacher) on the "
         f"teacher's greedy answers to {HELDOUT_PROMPTS} validation prompts, initial minus trained student. "
@@ -531,12 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_plan(plan: Sequence[PlannedRun], steps: int, lr: float, extra: Sequence[str]) -> None:
-    """Overrides every run shares once, then each run's own (the tiny pair's paths come first at run time)."""
-    per_run = {run.name: run_overrides(run, steps, lr, extra) for run in plan}
+    """Overrides every run shares once, then each run's own."""
+    from ta_opd_verl.tiny.build import planned_pair
+
+    pair = planned_pair()
+    per_run = {run.name: run_overrides(run, steps, lr, pair, extra) for run in plan}
     shared = [item for item in next(iter(per_run.values()), []) if all(item in o for o in per_run.values())]
-    print(
-        f"[ta-opd compare] {len(plan)} runs of verl's trainer, config {CONFIG_NAME}, tiny pair's paths plus:"
-    )
+    print(f"[ta-opd compare] {len(plan)} runs of verl's trainer, config {CONFIG_NAME}, with:")
     for item in shared:
         print(f"  {item}")
     for index, (name, overrides) in enumerate(per_run.items(), start=1):
@@ -563,16 +567,20 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     from ta_opd_verl.tiny.build import build_tiny_pair
 
-    # A result measured on another pair (a rebuilt student, other settings) must not be reused.
-    pair_hash = build_tiny_pair().manifest["settings_hash"]
+    # A result measured on another pair (a rebuilt student, other settings) or another runtime (verl's
+    # teacher server, top-p 1: the comparison before 2026-11-30) must not be reused.
+    pair = build_tiny_pair()
     settings = {
         "steps": args.steps,
         "lr": args.lr,
-        "prompts": COMPARE_PROMPTS,
+        "prompts": DEMO_PROMPTS,
+        "runtime": demo_runtime_overrides(pair),
         "extra": extra,
-        "pair": pair_hash,
+        "pair": pair.manifest["settings_hash"],
     }
-    _, failed = run_comparison(selected, out_dir, settings, VerlRun(out_dir, args.steps, args.lr, extra))
+    _, failed = run_comparison(
+        selected, out_dir, settings, VerlRun(pair, out_dir, args.steps, args.lr, extra)
+    )
     complete = [r for r in (load_complete_result(out_dir / "runs" / run.name, settings) for run in plan) if r]
     write_outputs(out_dir, plan, complete, settings)
     print(f"[ta-opd compare] {len(complete)}/{len(plan)} runs complete; table: {out_dir / 'table.md'}")

@@ -42,18 +42,14 @@ TA_OPD_SETTINGS = [
 DEMO_TOP_P = 0.7
 
 
-def demo_overrides(
-    steps: int, lr: float, seed: int, test_freq: int, prompts: int = DEMO_PROMPTS
-) -> list[str]:
-    """The demo's verl overrides besides the tiny pair's paths; `ta-opd compare` reuses them with fewer
-    prompts per step. Each of the MINI_BATCHES PPO mini-batches is one micro-batch."""
-    if prompts % MINI_BATCHES:
-        raise ValueError(f"prompts per step must be a multiple of {MINI_BATCHES}, got {prompts}")
+def demo_overrides(steps: int, lr: float, seed: int, test_freq: int) -> list[str]:
+    """The demo's TA-OPD and training overrides. Each of the MINI_BATCHES PPO mini-batches is one
+    micro-batch."""
     return [
         *TA_OPD_SETTINGS,
-        f"data.train_batch_size={prompts}",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts // MINI_BATCHES}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={prompts // MINI_BATCHES}",
+        f"data.train_batch_size={DEMO_PROMPTS}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={DEMO_PROMPTS // MINI_BATCHES}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={DEMO_PROMPTS // MINI_BATCHES}",
         f"trainer.total_training_steps={steps}",
         f"trainer.test_freq={test_freq}",
         "trainer.val_before_train=true",
@@ -65,11 +61,11 @@ def demo_overrides(
     ]
 
 
-def demo_runtime_overrides(pair, prompts: int = DEMO_PROMPTS) -> list[str]:
-    """What only the demo sets (`ta-opd compare` was measured without it): the rollout's top-p, and the
-    teacher colocated in the actor's worker (``ta_opd.teacher=fsdp``, exact C), which on the 2-core
-    machine saves a vLLM engine (about 40 s of start-up and 4 GiB) and the agent loop's teacher call per
-    sample. The one logical GPU is the actor/rollout pool's, so verl's teacher pool cannot be placed."""
+def demo_runtime_overrides(pair) -> list[str]:
+    """How the demo runs on the 2-core machine: the rollout's top-p, and the teacher colocated in the
+    actor's worker (``ta_opd.teacher=fsdp``, exact C), which saves a vLLM engine (about 40 s of start-up
+    and 4 GiB) and the agent loop's teacher call per sample. The one logical GPU is the actor/rollout
+    pool's, so verl's teacher pool cannot be placed."""
     return [
         f"actor_rollout_ref.rollout.top_p={DEMO_TOP_P}",
         f"{TA_OPD_KEY}.teacher=fsdp",
@@ -77,12 +73,13 @@ def demo_runtime_overrides(pair, prompts: int = DEMO_PROMPTS) -> list[str]:
         f"{TA_OPD_KEY}.compatibility=exact",
         "ray_kwargs.ray_init.num_gpus=1",
         # The student and the colocated teacher score the whole step in one forward each.
-        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={prompts}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={DEMO_PROMPTS}",
     ]
 
 
 def demo_run_overrides(pair, *, steps: int, lr: float, seed: int, test_freq: int) -> list[str]:
-    """Every override the demo hands verl besides the caller's own."""
+    """Every override the demo hands verl besides the caller's own; `ta-opd compare` runs these too, with
+    fewer steps and its own selector and ρ."""
     return [
         *tiny_pair_overrides(pair),
         *demo_overrides(steps, lr, seed, test_freq),

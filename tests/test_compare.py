@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,7 +24,13 @@ from ta_opd_verl.compare import (
 )
 
 TA_OPD = "distillation.distillation_loss.ta_opd"
-SETTINGS = {"steps": 25, "lr": 3e-4, "prompts": 32, "extra": []}
+SETTINGS = {"steps": 18, "lr": 3e-4, "prompts": 128, "extra": []}
+PAIR = SimpleNamespace(
+    student="/pair/student",
+    teacher="/pair/teacher",
+    train_parquet="/pair/t.parquet",
+    val_parquet="/pair/v.parquet",
+)
 
 
 def _result(selector, ratio, seed, *, before, after, kl_after, wall, kept, kl_before=0.5) -> dict:
@@ -117,7 +124,9 @@ def test_the_plan_is_six_selectors_times_three_seeds_plus_four_budgets():
 
 
 def test_run_overrides_set_the_run_once_and_save_a_hugging_face_model_at_the_last_step():
-    overrides = run_overrides(PlannedRun("tip", 0.2, 2), steps=7, lr=1e-4, extra=["trainer.test_freq=3"])
+    overrides = run_overrides(
+        PlannedRun("tip", 0.2, 2), steps=7, lr=1e-4, pair=PAIR, extra=["trainer.test_freq=3"]
+    )
     keys = [item.split("=", 1)[0] for item in overrides]
     assert len(keys) == len(set(keys)), "a key given twice would hide which value verl used"
     for expected in (
@@ -135,6 +144,21 @@ def test_run_overrides_set_the_run_once_and_save_a_hugging_face_model_at_the_las
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
     ):
         assert expected in overrides, expected
+
+
+def test_a_run_is_the_demo_shortened_with_its_own_selector_ratio_and_checkpoint():
+    from ta_opd_verl.demo import demo_run_overrides
+
+    run = PlannedRun("entropy", 0.05, 1)
+    demo = demo_run_overrides(PAIR, steps=7, lr=1e-4, seed=1, test_freq=7)
+    compared = run_overrides(run, steps=7, lr=1e-4, pair=PAIR)
+    # Every demo override (the colocated teacher and top-p 0.7 among them) reaches verl unchanged.
+    assert set(demo) <= set(compared)
+    assert sorted(set(compared) - set(demo)) == [
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+        f"{TA_OPD}.selector=entropy",
+        "trainer.save_freq=7",
+    ]
 
 
 def test_dry_run_lists_the_22_runs_with_their_overrides_and_runs_nothing(tmp_path, capsys):
@@ -234,7 +258,8 @@ def test_outputs_hold_the_table_the_summary_the_plot_and_the_missing_runs(tmp_pa
     table = (tmp_path / "table.md").read_text()
     assert table.endswith(render_table(aggregate(FIXED_RESULTS)))
     assert "Missing runs (1 of 5): teachability-r0.03-s0." in table
-    assert "25 steps per run of 32 prompts, lr 0.0003" in table
+    assert "18 steps per run of 128 prompts, lr 0.0003" in table
+    assert "top-p 0.7 rollouts, the teacher colocated in the actor's worker" in table
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 

@@ -15,7 +15,6 @@ import pytest
 from verl_fixtures import compose_config
 
 from ta_opd_verl.checks import check_ta_opd_config
-from ta_opd_verl.compare import PlannedRun, run_overrides
 from ta_opd_verl.demo import (
     DEMO_LR,
     DEMO_PROMPTS,
@@ -24,7 +23,6 @@ from ta_opd_verl.demo import (
     DEMO_TOP_P,
     TEST_FREQ,
     demo_run_overrides,
-    demo_runtime_overrides,
     run_demo,
 )
 
@@ -79,10 +77,3 @@ def test_the_demo_settings_build_into_verls_config_with_the_colocated_teacher():
     assert (rollout.top_p, rollout.log_prob_micro_batch_size_per_gpu) == (DEMO_TOP_P, DEMO_PROMPTS)
     ta_opd = config.distillation.distillation_loss.ta_opd
     assert (ta_opd.teacher, ta_opd.teacher_path, ta_opd.compatibility) == ("fsdp", "/pair/teacher", "exact")
-
-
-def test_the_comparison_keeps_the_teacher_server_and_full_rollout_distribution_it_was_measured_with():
-    pair = SimpleNamespace(teacher="/pair/teacher")
-    runtime_keys = {override.split("=", 1)[0] for override in demo_runtime_overrides(pair)}
-    compared = run_overrides(PlannedRun("teachability", 0.05, 0), steps=25, lr=DEMO_LR)
-    assert not runtime_keys & {override.split("=", 1)[0] for override in compared}

@@ -373,6 +373,13 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
         raise TinyBuildError(f"--out {out_dir}: cannot write to {out_dir.parent} ({error})") from error
 
 
+def planned_pair(out_dir: str | os.PathLike | None = None) -> TinyPair:
+    """Where `build_tiny_pair` puts (or finds) the pair's files, without building or reading anything; the
+    manifest is left empty. For plans that print paths before the pair exists."""
+    root = Path(out_dir).expanduser() if out_dir is not None else default_out_dir()
+    return _pair_from(root.resolve(), {})
+
+
 def _pair_from(root: Path, manifest: dict) -> TinyPair:
     return TinyPair(
         root=root,
