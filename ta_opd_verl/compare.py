@@ -4,8 +4,7 @@ Runs, with the same step budget and the demo's settings (`ta_opd_verl.demo.demo_
 prompts per step, top-p 0.7 rollouts, the teacher colocated in the actor's worker with exact
 compatibility) for 16 steps instead of the demo's 80 (so that a run, start-up included, takes about 3
 minutes), the selectors `full`, `teachability`, `random`, `entropy`, `raw_kl` and `tip` at ρ = 0.05 with 3
-training seeds each, and
-`teachability` at ρ = 0.01, 0.03, 0.10 and 0.20 with one seed: 22 runs of
+training seeds each, and `teachability` at ρ = 0.01, 0.03, 0.10 and 0.20 with one seed: 22 runs of
 ``python -m verl.trainer.main_ppo`` with ``conf/ta_opd_cpu.yaml``. Each run validates at step 0 and at its
 last step and saves its student as a Hugging Face model; after it, the student's reverse KL
 KL(p_student || p_teacher) is measured on a fixed held-out set (the teacher's greedy answers to the first

@@ -45,7 +45,7 @@ def lr_factor(schedule: str, step: int, total_steps: int, min_lr_ratio: float) -
     if schedule == "constant":
         return 1.0
     progress = step / max(1, total_steps)
-    return max(min_lr_ratio, min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
