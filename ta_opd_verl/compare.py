@@ -443,7 +443,8 @@ def write_outputs(out_dir: Path, plan: Sequence[PlannedRun], results: list[dict]
     ]
     if missing:
         header += [f"Missing runs ({len(missing)} of {len(plan)}): {', '.join(missing)}.", ""]
-    (out_dir / "table.md").write_text("\n".join(header) + render_table(rows))
+    # A blank line before the table: a table row right after a paragraph line is read as part of it.
+    (out_dir / "table.md").write_text("\n".join(header) + "\n" + render_table(rows))
     if rows:
         plot_comparison(rows, out_dir / "compare.png")
     return summary
