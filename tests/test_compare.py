@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 
@@ -22,15 +21,12 @@ from ta_opd_verl.compare import (
     run_overrides,
     write_outputs,
 )
+from ta_opd_verl.tiny.build import planned_pair
 
 TA_OPD = "distillation.distillation_loss.ta_opd"
 SETTINGS = {"steps": 18, "lr": 3e-4, "prompts": 128, "extra": []}
-PAIR = SimpleNamespace(
-    student="/pair/student",
-    teacher="/pair/teacher",
-    train_parquet="/pair/t.parquet",
-    val_parquet="/pair/v.parquet",
-)
+# The pair's layout under a folder that need not exist: nothing here reads it.
+PAIR = planned_pair("/pair")
 
 
 def _result(selector, ratio, seed, *, before, after, kl_after, wall, kept, kl_before=0.5) -> dict:

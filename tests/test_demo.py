@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 from verl_fixtures import compose_config
@@ -25,6 +24,7 @@ from ta_opd_verl.demo import (
     demo_run_overrides,
     run_demo,
 )
+from ta_opd_verl.tiny.build import planned_pair
 
 REPORT_FIELDS = (
     "teacher_accuracy",
@@ -61,12 +61,7 @@ def test_the_demo_settings_build_into_verls_config_with_the_colocated_teacher():
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
-    pair = SimpleNamespace(
-        student="/pair/student",
-        teacher="/pair/teacher",
-        train_parquet="/pair/t.parquet",
-        val_parquet="/pair/v.parquet",
-    )
+    pair = planned_pair("/pair")
     overrides = demo_run_overrides(pair, steps=DEMO_STEPS, lr=DEMO_LR, seed=DEMO_SEED, test_freq=TEST_FREQ)
     config = compose_config("ta_opd_cpu", overrides)
     validate_config(
