@@ -44,7 +44,15 @@ def write_problems_parquet(path: str | os.PathLike, problems: Sequence[Problem],
 
 
 def write_parquet(
-    path: str | os.PathLike, n: int, seed: int, split: str, *, exclude_prompts: Iterable[str] = ()
+    path: str | os.PathLike,
+    n: int,
+    seed: int,
+    split: str,
+    *,
+    exclude_prompts: Iterable[str] = (),
+    tasks: Sequence[str] | None = None,
 ) -> Path:
-    """Write ``n`` distinct problems drawn with ``seed`` (none whose prompt is in ``exclude_prompts``)."""
-    return write_problems_parquet(path, generate_problems(n, seed, exclude_prompts=exclude_prompts), split)
+    """Write ``n`` distinct problems drawn with ``seed`` (none whose prompt is in ``exclude_prompts``);
+    ``tasks`` as in `generate_problems` (uniform over them; the default is the weighted mixture)."""
+    problems = generate_problems(n, seed, exclude_prompts=exclude_prompts, tasks=tasks)
+    return write_problems_parquet(path, problems, split)

@@ -22,12 +22,13 @@ TA_OPD_KEY = "distillation.distillation_loss.ta_opd"
 # each, four PPO mini-batches per step, the supervised top-K reverse KL on a 5% selection plus one
 # position per sample, Adam lr 3e-4 (higher rates made the 5% selection drift away from the teacher; in
 # the plain-PyTorch loop of `bench onpolicy`, 32 prompts per step gained about a third as much in 100
-# steps). 80 steps of 5.0-5.7 s, start-up and 5 validations fit in 10 minutes on 2 cores; 90 did not.
-DEMO_STEPS = 80
+# steps). 70 steps of 5.2-5.8 s, start-up and 6 validations fit in 10 minutes on 2 cores; 80 took 531-605 s
+# depending on how busy the shared machine was (docs/benchmarks.md).
+DEMO_STEPS = 70
 DEMO_LR = 3e-4
 DEMO_SEED = 0
 DEMO_PROMPTS = 128
-TEST_FREQ = 20
+TEST_FREQ = 14
 MINI_BATCHES = 4
 TA_OPD_SETTINGS = [
     "actor_rollout_ref.rollout.n=1",

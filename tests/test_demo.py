@@ -1,7 +1,8 @@
-"""`ta-opd demo` at its full length is also the learning test of TA-OPD through verl: one verl run, 80
+"""`ta-opd demo` at its full length is also the learning test of TA-OPD through verl: one verl run, 70
 steps of 128 prompts at ρ = 0.05 on the tiny pair (under 10 minutes on the 2-core machine). It checks the
-report's fields and plot, and that the student's validation accuracy rose by at least 10 points (the
-demo's own target is 15; the test's bar leaves room for one validation's noise, about 2.5 points).
+report's fields and plot, and that the student's validation accuracy rose by at least 15 points, the
+demo's target (measured: +20.3 to +21.5 in three runs, so the bar leaves about twice one validation's
+noise of 2.5 points).
 
 How often the gain held: docs/benchmarks.md ("TA-OPD through verl's trainer on CPU")."""
 
@@ -34,7 +35,7 @@ REPORT_FIELDS = (
     "steps",
     "wall_seconds",
 )
-MIN_GAIN = 0.10
+MIN_GAIN = 0.15
 
 
 @pytest.mark.e2e

@@ -20,13 +20,13 @@ from ta_opd_verl.tiny.build import (
     heldout_problems,
 )
 from ta_opd_verl.tiny.evaluate import greedy_accuracy
-from ta_opd_verl.tiny.tasks import generate_problems
+from ta_opd_verl.tiny.tasks import TASKS, generate_problems
 from ta_opd_verl.tiny.tokenizer import EOS_TOKEN, PAD_TOKEN, render_chat
 from ta_opd_verl.tiny.vllm_cpu import VLLM_CPU_HEAD_SIZES, UnsupportedHeadSizeError, check_vllm_cpu_head_size
 
 # A build shortened to a few dozen steps: seconds, not minutes (determinism and error tests).
 SHORT = dict(
-    teacher_steps=24, student_max_steps=20, eval_problems=16, train_rows=32, val_rows=24, teacher_eval_every=0
+    teacher_steps=24, student_steps=20, eval_problems=16, train_rows=32, val_rows=24, teacher_eval_every=0
 )
 
 
@@ -50,7 +50,8 @@ def test_manifest_records_accuracy_in_target_band(pair):
     assert manifest["eval_problems"] == 500 and manifest["meets_targets"]
     assert manifest["teacher"]["eval"]["accuracy"] >= 0.97
     assert 0.02 <= manifest["student"]["eval"]["accuracy"] <= 0.15
-    assert manifest["student"]["stopped_at_step"] < BuildSettings().student_max_steps
+    assert manifest["student"]["stopped_at_step"] == BuildSettings().student_steps
+    assert manifest["student"]["history"][-1]["step"] == BuildSettings().student_steps
 
 
 def test_accuracy_on_fresh_held_out_problems(pair, models):
@@ -98,7 +99,7 @@ def test_two_fresh_shortened_builds_are_bitwise_identical(tmp_path):
 def test_thread_count_is_restored(tmp_path):
     torch.set_num_threads(2)
     build_tiny_pair(
-        tmp_path / "p", force=True, quiet=True, **{**SHORT, "teacher_steps": 2, "student_max_steps": 10}
+        tmp_path / "p", force=True, quiet=True, **{**SHORT, "teacher_steps": 2, "student_steps": 10}
     )
     assert torch.get_num_threads() == 2
 
@@ -160,6 +161,18 @@ def test_parquet_files_are_held_out(pair):
     assert not prompt(train) & evaluation and not prompt(val) & evaluation
 
 
+def test_held_out_sets_and_parquet_files_weigh_tasks_alike(pair):
+    """Accuracies weigh every task alike; only the training streams favour the scratchpad tasks."""
+    evaluation, val = heldout_problems(BuildSettings())
+    train_tasks = pd.read_parquet(pair.train_parquet)["extra_info"].map(lambda e: e["task"])
+    stream = generate_problems(2000, seed=12)
+    for tasks, n in ((train_tasks, len(train_tasks)), ([p.task for p in evaluation], len(evaluation))):
+        shares = {task: list(tasks).count(task) / n for task in TASKS}
+        assert all(abs(share - 1 / len(TASKS)) < 0.05 for share in shares.values()), shares
+    assert sum(p.task in ("add", "sub") for p in stream) / len(stream) > 0.5
+    assert {p.task for p in val} == set(TASKS)
+
+
 def test_pair_heads_fit_vllm_cpu(pair):
     assert check_vllm_cpu_head_size(pair.teacher) in VLLM_CPU_HEAD_SIZES
     assert check_vllm_cpu_head_size(pair.student) == 32
@@ -204,6 +217,9 @@ def test_unusable_out_folders_give_clear_errors(tmp_path, capsys):
     assert "refusing to overwrite" in capsys.readouterr().err
     with pytest.raises(TinyBuildError, match="unknown build setting"):
         build_tiny_pair(tmp_path / "x", teacher_stpes=3)
+    for steps in (0, BuildSettings().student_schedule_steps + 1):
+        with pytest.raises(TinyBuildError, match="student_steps"):
+            build_tiny_pair(tmp_path / "x", student_steps=steps)
 
 
 def test_env_var_sets_default_folder(monkeypatch, tmp_path):

@@ -28,7 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 TASKS: tuple[str, ...] = ("add", "sub", "say", "reverse", "spell")
-# Sampling weights: the scratchpad tasks are the hard ones, so they get more of every batch.
+# Sampling weights of the training streams: the scratchpad tasks are the hard ones, so they get more of
+# every pre-training batch. The held-out sets and the parquet files draw tasks uniformly (`tiny.build`).
 TASK_WEIGHTS: tuple[float, ...] = (0.3, 0.3, 0.12, 0.12, 0.16)
 OPENERS: tuple[str, ...] = (
     "ok",
