@@ -161,16 +161,23 @@ def test_parquet_files_are_held_out(pair):
     assert not prompt(train) & evaluation and not prompt(val) & evaluation
 
 
-def test_held_out_sets_and_parquet_files_weigh_tasks_alike(pair):
-    """Accuracies weigh every task alike; only the training streams favour the scratchpad tasks."""
+def test_held_out_sets_and_parquet_files_draw_tasks_uniformly(pair):
+    """Each problem's task is drawn uniformly; a prompt drawn before is redrawn (with a fresh task), which
+    leaves `spell` (999 possible prompts) under its share of the 2,048 training rows. The training streams
+    favour the scratchpad tasks."""
     evaluation, val = heldout_problems(BuildSettings())
-    train_tasks = pd.read_parquet(pair.train_parquet)["extra_info"].map(lambda e: e["task"])
-    stream = generate_problems(2000, seed=12)
-    for tasks, n in ((train_tasks, len(train_tasks)), ([p.task for p in evaluation], len(evaluation))):
-        shares = {task: list(tasks).count(task) / n for task in TASKS}
-        assert all(abs(share - 1 / len(TASKS)) < 0.05 for share in shares.values()), shares
-    assert sum(p.task in ("add", "sub") for p in stream) / len(stream) > 0.5
-    assert {p.task for p in val} == set(TASKS)
+    train = list(pd.read_parquet(pair.train_parquet)["extra_info"].map(lambda e: e["task"]))
+
+    def shares(tasks):
+        return {task: tasks.count(task) / len(tasks) for task in TASKS}
+
+    for tasks in ([p.task for p in evaluation], [p.task for p in val]):
+        assert all(abs(share - 1 / len(TASKS)) < 0.05 for share in shares(tasks).values()), shares(tasks)
+    train_shares = shares(train)
+    assert all(abs(share - 1 / len(TASKS)) < 0.05 for task, share in train_shares.items() if task != "spell")
+    assert 0.1 < train_shares["spell"] < 1 / len(TASKS), train_shares
+    stream = [p.task for p in generate_problems(2000, seed=12)]
+    assert shares(stream)["add"] + shares(stream)["sub"] > 0.5 > train_shares["add"] + train_shares["sub"]
 
 
 def test_pair_heads_fit_vllm_cpu(pair):
