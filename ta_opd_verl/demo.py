@@ -10,6 +10,7 @@ sampled-token reverse KL per step).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -124,7 +125,30 @@ def _all_positions_mean(data: dict, name: str) -> float:
     )
 
 
+# Steps per point of the smoothed reverse-KL line. One step's value is a mean over one batch of fresh
+# rollouts and swings more than it falls: in a 70-step demo run it spanned 1.45-1.83 nats (standard
+# deviation 0.09) while its mean over the first and last 10 steps fell from 1.69 to 1.57.
+REVERSE_KL_WINDOW = 10
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the up to `window - 1` values before it (the first points average fewer)."""
+    if window < 1:
+        raise ValueError(f"trailing_mean: window must be >= 1, got {window}")
+    sums = [0.0, *itertools.accumulate(values)]
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
+
+
 def plot_report(report: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = report_figure(report)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def report_figure(report: dict):
+    """Validation accuracy and the sampled-token reverse KL per step, side by side (a matplotlib Figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,13 +161,19 @@ def plot_report(report: dict, path: Path) -> None:
     left.set(xlabel="step", ylabel="validation accuracy", ylim=(0, 1.05), title="Validation accuracy")
     left.legend()
     reverse_kl = report["sampled_reverse_kl_by_step"]
-    right.plot(list(reverse_kl), list(reverse_kl.values()), color="tab:red")
+    right.plot(list(reverse_kl), list(reverse_kl.values()), color="tab:red", alpha=0.35, label="per step")
+    right.plot(
+        list(reverse_kl),
+        trailing_mean(list(reverse_kl.values()), REVERSE_KL_WINDOW),
+        color="tab:red",
+        label=f"mean of the last {REVERSE_KL_WINDOW} steps",
+    )
+    right.legend()
     right.set(
         xlabel="step", ylabel="mean log p_student(y) - log p_teacher(y)", title="Sampled-token reverse KL"
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
 
 
 def run_demo(out_dir: Path, *, steps: int, lr: float, seed: int, test_freq: int, extra: list[str]) -> dict:

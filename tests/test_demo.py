@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import statistics
 
 import pytest
 from verl_fixtures import compose_config
@@ -21,9 +23,13 @@ from ta_opd_verl.demo import (
     DEMO_SEED,
     DEMO_STEPS,
     DEMO_TOP_P,
+    REVERSE_KL_WINDOW,
     TEST_FREQ,
     demo_run_overrides,
+    plot_report,
+    report_figure,
     run_demo,
+    trailing_mean,
 )
 from ta_opd_verl.tiny.build import planned_pair
 
@@ -73,3 +79,31 @@ def test_the_demo_settings_build_into_verls_config_with_the_colocated_teacher():
     assert (rollout.top_p, rollout.log_prob_micro_batch_size_per_gpu) == (DEMO_TOP_P, DEMO_PROMPTS)
     ta_opd = config.distillation.distillation_loss.ta_opd
     assert (ta_opd.teacher, ta_opd.teacher_path, ta_opd.compatibility) == ("fsdp", "/pair/teacher", "exact")
+
+
+def test_trailing_mean_matches_a_slow_mean_of_each_window():
+    generator = random.Random(0)
+    for window in (1, 3, 10):
+        values = [generator.uniform(-2, 2) for _ in range(25)]
+        slow = [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+        assert trailing_mean(values, window) == pytest.approx(slow, abs=1e-12)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        trailing_mean([1.0], 0)
+
+
+def test_the_report_plot_draws_accuracy_and_the_reverse_kl_with_its_trailing_mean(tmp_path):
+    reverse_kl = {step: 1.7 - 0.004 * step + 0.1 * (-1) ** step for step in range(1, 29)}
+    report = {
+        "teacher_accuracy": 0.97,
+        "validation_accuracy_by_step": {0: 0.03, 14: 0.12, 28: 0.16},
+        "sampled_reverse_kl_by_step": reverse_kl,
+    }
+    figure = report_figure(report)
+    accuracy_axes, reverse_kl_axes = figure.axes
+    student, teacher = accuracy_axes.get_lines()
+    assert list(student.get_ydata()) == [0.03, 0.12, 0.16] and list(teacher.get_ydata()) == [0.97, 0.97]
+    per_step, smoothed = reverse_kl_axes.get_lines()
+    assert list(per_step.get_ydata()) == list(reverse_kl.values())
+    assert list(smoothed.get_ydata()) == trailing_mean(list(reverse_kl.values()), REVERSE_KL_WINDOW)
+    plot_report(report, tmp_path / "report.png")
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
