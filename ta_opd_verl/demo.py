@@ -160,14 +160,11 @@ def report_figure(report: dict):
     left.axhline(report["teacher_accuracy"], color="gray", linestyle="--", label="teacher")
     left.set(xlabel="step", ylabel="validation accuracy", ylim=(0, 1.05), title="Validation accuracy")
     left.legend()
-    reverse_kl = report["sampled_reverse_kl_by_step"]
-    right.plot(list(reverse_kl), list(reverse_kl.values()), color="tab:red", alpha=0.35, label="per step")
-    right.plot(
-        list(reverse_kl),
-        trailing_mean(list(reverse_kl.values()), REVERSE_KL_WINDOW),
-        color="tab:red",
-        label=f"mean of the last {REVERSE_KL_WINDOW} steps",
-    )
+    curve = report["sampled_reverse_kl_by_step"]
+    steps, reverse_kl = list(curve), list(curve.values())
+    right.plot(steps, reverse_kl, color="tab:red", alpha=0.35, label="per step")
+    smoothed = trailing_mean(reverse_kl, REVERSE_KL_WINDOW)
+    right.plot(steps, smoothed, color="tab:red", label=f"mean of the last {REVERSE_KL_WINDOW} steps")
     right.legend()
     right.set(
         xlabel="step", ylabel="mean log p_student(y) - log p_teacher(y)", title="Sampled-token reverse KL"
