@@ -22,7 +22,7 @@ setup: $(STAMP) pair
 pair: $(STAMP)
 	$(BIN)/ta-opd build-tiny
 
-# The CPU stack of ../shared/spec/cpu-runtime.md, exact versions from $(CONSTRAINTS).
+# The CPU stack the README's quick start describes, exact versions from $(CONSTRAINTS).
 $(STAMP): pyproject.toml $(CONSTRAINTS) docker/cpu/vllm-metadata/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --upgrade pip setuptools

@@ -11,7 +11,7 @@
 # Each default says where it comes from: `# paper` (arXiv 2605.26844 states it) or `# our default`.
 #
 # TA_OPD_PRINT_OVERRIDES=1 prints the trainer's arguments one per line instead of running it (used by
-# tests/test_recipes.py to check every recipe against verl's config classes without a GPU).
+# tests/tools/test_recipes.py to check every recipe against verl's config classes without a GPU).
 
 RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 

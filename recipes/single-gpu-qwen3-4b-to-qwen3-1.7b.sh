@@ -8,10 +8,10 @@
 # one-GPU machine does not help either: the teacher process is then pinned to a device index (1) that
 # does not exist. So verl's OPD needs at least two GPUs (see the pair recipes).
 #
-# This recipe uses the colocated FSDP teacher of issue 5 (`ta_opd.teacher=fsdp`: the teacher in the
-# actor's worker processes, FSDP2-sharded and offloaded between uses, run in the scoring forward; verl's
-# teacher pool is not started), which also gives the exact compatibility C. The teacher is built and
-# tested on CPU (tests/test_fsdp_teacher*.py), but no run of this recipe on a GPU is recorded yet, so the
+# This recipe uses the colocated FSDP teacher (`ta_opd.teacher=fsdp`: the teacher in the actor's worker
+# processes, FSDP2-sharded and offloaded between uses, run in the scoring forward; verl's teacher pool is
+# not started), which also gives the exact compatibility C. The teacher is built and tested on CPU
+# (tests/verl/test_teacher_colocated*.py), but no run of this recipe on a GPU is recorded yet, so the
 # script still stops before launching. TA_OPD_PRINT_OVERRIDES=1 prints its arguments.
 #
 # Shared settings and every environment variable: recipes/common.sh. Data: `ta-opd prepare-data`.
@@ -40,8 +40,8 @@ overrides+=(
 )
 
 if [[ "${TA_OPD_PRINT_OVERRIDES:-0}" != 1 ]]; then
-    echo "recipes/$(basename "$0"): not yet runnable: the colocated FSDP teacher (issue 5) has not been" \
-        "run on a GPU yet (see the comment at the top)." >&2
+    echo "recipes/$(basename "$0"): not yet runnable: the colocated FSDP teacher has not been run on a" \
+        "GPU yet (see the comment at the top)." >&2
     exit 3
 fi
 ta_opd_run "$PYTHON" -m verl.trainer.main_ppo --config-path "$CONF" --config-name ta_opd_trainer \

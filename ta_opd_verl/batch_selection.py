@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -19,14 +20,13 @@ def step_generator(seed: int, global_step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + global_step)
 
 
-def stable_sample_ids(keys: list[str], prompt_ids: list[list[int]]) -> list[str]:
+def stable_sample_ids(rollout_ids: list[str], prompt_ids: list[list[int]]) -> list[str]:
     """Per-sample ids that depend only on the data: a digest of the prompt's token ids plus the rollout's
-    session and output index from verl's TransferQueue key ``{uid}_{session}_{index}``. verl draws ``uid``
-    with ``uuid4`` afresh in every run, so the key alone would reorder ties after a resume."""
+    id within its prompt (its session and output index; `ta_opd_verl.verl_fence.trainer.rollout_ids`). verl
+    names a sample with a ``uid`` drawn afresh in every run, so that name alone would reorder ties after a
+    resume."""
     ids = []
-    for key, prompt in zip(keys, prompt_ids, strict=True):
-        parts = key.rsplit("_", 2)
-        rollout = "_".join(parts[1:]) if len(parts) == 3 else key
+    for rollout, prompt in zip(rollout_ids, prompt_ids, strict=True):
         digest = hashlib.sha1(",".join(map(str, prompt)).encode()).hexdigest()[:16]
         ids.append(f"{digest}_{rollout}")
     return ids
@@ -113,14 +113,15 @@ def selection_metrics(
 
 def selection_records(
     sample_ids: list[str],
+    prompt_ids: list[list[int]],
     response_ids: list[list[int]],
     stats: TokenStatistics,
     valid: torch.Tensor,
     mask: torch.Tensor,
     extra: dict[str, torch.Tensor] | None = None,
 ) -> list[dict]:
-    """One JSON-ready record per sample (in stable-id order): its response token ids, the selected
-    positions, and D, C, H at every valid position (float32 values, exact in JSON), for
+    """One JSON-ready record per sample (in stable-id order): its prompt and response token ids, the
+    selected positions, and D, C, H at every valid position (float32 values, exact in JSON), for
     `ta_opd.selection_dump_dir`. ``extra``: more ``[B, T]`` per-position values, each written under its
     name like D, C, H."""
     named = dict(zip(("disagreement", "compatibility", "entropy"), stats, strict=True)) | (extra or {})
@@ -132,6 +133,7 @@ def selection_records(
         records.append(
             {
                 "sample_id": sample_ids[row],
+                "prompt_ids": prompt_ids[row],
                 "response_ids": response_ids[row][:length],
                 "selected": torch.nonzero(mask[row] & valid[row]).flatten().tolist(),
                 **{name: values[row, :length].tolist() for name, values in named.items()},
@@ -171,3 +173,38 @@ def load_selection_dump(folder: Path) -> dict[int, list[dict]]:
         lines = path.read_text().splitlines()
         steps[int(path.stem.removeprefix("step_"))] = [json.loads(line) for line in lines if line.strip()]
     return steps
+
+
+# The actor workers' side of a selection dump: what each update micro-batch trained on.
+TRAINED_FOLDER = "trained_step_{}"
+
+
+def trained_position_records(
+    response_ids: torch.Tensor, trained: torch.Tensor, valid: torch.Tensor
+) -> list[dict]:
+    """Per sample of an update micro-batch (``[B, T]`` padded tensors): its response ids and the positions
+    the loss was taken over."""
+    return [
+        {
+            "response_ids": ids[: int(row_valid.sum())].tolist(),
+            "trained": torch.nonzero(row_trained & row_valid).flatten().tolist(),
+        }
+        for ids, row_trained, row_valid in zip(response_ids, trained.bool(), valid.bool(), strict=True)
+    ]
+
+
+def write_trained_positions(folder: Path, step: int, records: list[dict]) -> None:
+    """Append one micro-batch's `trained_position_records` under ``folder/trained_step_<N>/`` (a file per
+    worker process, so data-parallel ranks never share one)."""
+    target = Path(folder) / TRAINED_FOLDER.format(step)
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target / f"worker_{os.getpid()}.jsonl", "a") as out:
+        out.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def load_trained_positions(folder: Path, step: int) -> list[dict]:
+    """Every worker's `trained_position_records` of one step (the update's side of the dump)."""
+    records = []
+    for path in sorted((Path(folder) / TRAINED_FOLDER.format(step)).glob("*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records

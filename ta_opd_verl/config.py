@@ -26,12 +26,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from verl.base_config import BaseConfig
-from verl.workers.config.distillation import DistillationLossConfig
-
 from ta_opd_verl.teachability import ENTROPY_MODES, SELECTORS, STUDENT_PROBS
+from ta_opd_verl.verl_fence.config import BaseConfig, DistillationLossConfig
 
-__all__ = ["TAOPDConfig", "TAOPDDistillationLossConfig"]
+__all__ = ["TAOPDConfig", "TAOPDConfigError", "TAOPDDistillationLossConfig"]
 
 KEY_PREFIX = "distillation.distillation_loss"
 TA_OPD_KEY = f"{KEY_PREFIX}.ta_opd"
@@ -40,6 +38,10 @@ TEACHERS = ("server", "fsdp")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 LOSSES = ("pg_k1", "reverse_kl_topk")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+
+class TAOPDConfigError(ValueError):
+    """A TA-OPD run's configuration is invalid; the message names the key and what is accepted."""
 
 
 def _reject(key: str, accepted: str, value: object) -> None:
@@ -79,7 +81,7 @@ class TAOPDConfig(BaseConfig):
         Who scores the teacher: `server` (verl's teacher servers, `distillation.teacher_models`, multi-
         teacher routing included) or `fsdp` (the teacher model colocated in the actor's worker processes,
         FSDP2-sharded and offloaded between uses, run in the scoring forward; verl's teacher pool is not
-        started; see `ta_opd_verl.fsdp_teacher`).
+        started; see `ta_opd_verl.teachers.colocated`).
     teacher_path (str | None):
         With `teacher=fsdp`: the teacher's local Hugging Face folder (same vocabulary as the student).
         Must be null with `teacher=server` (the servers read `distillation.teacher_models`).

@@ -27,6 +27,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
+
 
 class VocabularyMismatchError(ValueError):
     """The student and teacher do not share a vocabulary (see the module docstring for the rule)."""
@@ -70,14 +73,10 @@ def load_vocabulary(model_path: str | os.PathLike) -> Vocabulary:
         raise VocabularyMismatchError(f"{path}: not a model folder")
     tokenizer_file = path / "tokenizer.json"
     if tokenizer_file.is_file():
-        from tokenizers import Tokenizer
-
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         token_to_id = tokenizer.get_vocab(with_added_tokens=True)
         added_ids = frozenset(tokenizer.get_added_tokens_decoder())
     else:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(path)
         token_to_id = tokenizer.get_vocab()
         added_ids = frozenset(tokenizer.added_tokens_decoder)

@@ -21,6 +21,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
+
 from ta_opd_verl.bench.machine import machine_info
 
 TITLE_WIDTH = 60
@@ -55,8 +57,6 @@ def cpu_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str,
 
 def snapshot() -> dict[int, tuple[str, float]]:
     """Every readable process: pid -> (label, CPU seconds so far)."""
-    import psutil
-
     found = {}
     for process in psutil.process_iter(["cmdline"]):
         try:
@@ -104,8 +104,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import psutil
-
     if args.metrics is not None:
         print(f"[bench cpu-share] waiting for {args.after_steps} lines in {args.metrics}", flush=True)
         wait_for_steps(args.metrics, args.after_steps)
@@ -132,6 +130,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def plot_shares(shares: list[tuple[str, float]], wall: float, path: Path) -> None:
+    # matplotlib only where a plot is drawn, and its Agg backend chosen then, not for every importer.
     import matplotlib
 
     matplotlib.use("Agg")

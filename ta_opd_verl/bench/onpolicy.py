@@ -24,16 +24,24 @@ import datetime
 import itertools
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from ta_opd_verl.bench.machine import machine_info
-from ta_opd_verl.loss import masked_aggregate, reverse_kl_on_teacher_support
+from ta_opd_verl.opd_loss import masked_aggregate, reverse_kl_on_teacher_support
 from ta_opd_verl.teachability import SELECTORS, select_positions, token_statistics
+from ta_opd_verl.tiny.build import build_tiny_pair
+from ta_opd_verl.tiny.evaluate import generate_responses, greedy_accuracy
+from ta_opd_verl.tiny.tasks import Problem
+from ta_opd_verl.tiny.tokenizer import render_chat
 
 RESULT_NAME = "onpolicy"
 LR_SCHEDULES = ("constant", "cosine")
@@ -158,10 +166,6 @@ def label(config: dict) -> str:
 
 
 def _load_problems(parquet: str, limit: int | None = None):
-    import pandas as pd
-
-    from ta_opd_verl.tiny.tasks import Problem
-
     frame = pd.read_parquet(parquet)
     problems = [
         Problem(task=extra["task"], prompt=prompt[0]["content"], response="", answer=reward["ground_truth"])
@@ -180,8 +184,6 @@ def _format_seconds(seconds: float) -> str:
 def _rollout_tensors(tokenizer, prompts: list[str], responses: list[list[int]]):
     """Right-padded `prompt + response` ids, and for each response token the index of the position whose
     logits predict it (`[R, L]`, with its validity mask)."""
-    from ta_opd_verl.tiny.tokenizer import render_chat
-
     prompt_ids = tokenizer([render_chat(p) for p in prompts], add_special_tokens=False).input_ids
     sequences = [p + r for p, r in zip(prompt_ids, responses, strict=True)]
     rows, width = len(sequences), max(map(len, sequences))
@@ -203,25 +205,171 @@ def _response_logits(model, input_ids, attention, index) -> torch.Tensor:
     return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
 
-def run_one(config: dict, seed: int, settings: dict) -> dict:
-    """One (configuration, seed) run; `settings` holds the loop arguments and the pair's paths."""
+def _load_models(settings: dict):
+    """(tokenizer, student in train mode, teacher in eval mode), float32; the vocabularies must agree."""
+    # transformers takes seconds to import; only the runs need it, not `bench`'s other subcommands.
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from ta_opd_verl.tiny.evaluate import generate_responses, greedy_accuracy
-
     transformers_logging.disable_progress_bar()
-    torch.set_num_threads(settings["threads"])
-    tag = f"[{config['label']} seed {seed}]"
     tokenizer = AutoTokenizer.from_pretrained(settings["tokenizer"])
     student = AutoModelForCausalLM.from_pretrained(settings["student"], dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(settings["teacher"], dtype=torch.float32).eval()
     vocab_s, vocab_t = student.get_output_embeddings().weight.shape[0], teacher.config.vocab_size
     if vocab_s != vocab_t:
         raise ValueError(f"student vocabulary {vocab_s} differs from the teacher's {vocab_t}")
+    return tokenizer, student.train(), teacher
+
+
+class _PromptStream:
+    """The training prompts in a seeded random order, drawn without replacement and reshuffled after each
+    pass over them."""
+
+    def __init__(self, prompts: list[str], generator: torch.Generator) -> None:
+        self.prompts, self.generator = prompts, generator
+        self.order, self.cursor = torch.randperm(len(prompts), generator=generator), 0
+
+    def take(self, n: int) -> list[str]:
+        taken = []
+        for _ in range(n):
+            if self.cursor == len(self.order):
+                self.order, self.cursor = torch.randperm(len(self.prompts), generator=self.generator), 0
+            taken.append(self.prompts[int(self.order[self.cursor])])
+            self.cursor += 1
+        return taken
+
+
+@dataclass(frozen=True)
+class _Rollouts:
+    """One step's sampled responses, scored: model inputs, the teacher's entries, the selection, and the
+    rollout student's reverse KL at every position (`[R, L]` unless noted)."""
+
+    input_ids: torch.Tensor
+    attention: torch.Tensor
+    index: torch.Tensor
+    valid: torch.Tensor
+    top_ids: torch.Tensor  # [R, L, K_T]
+    top_lp: torch.Tensor  # [R, L, K_T]
+    selected: torch.Tensor
+    reverse_kl: torch.Tensor
+
+
+def _scored_rollouts(
+    student, teacher, tokenizer, prompts: list[str], config: dict, settings: dict, generator: torch.Generator
+) -> _Rollouts:
+    """Sample one response per prompt with the student, score every position with the teacher's top-K_T
+    and select over the whole batch, all with the student of the rollout."""
+    responses = generate_responses(
+        student,
+        tokenizer,
+        prompts,
+        do_sample=True,
+        temperature=1.0,
+        top_p=config["top_p"],
+        max_new_tokens=settings["max_new"],
+    )
+    input_ids, attention, index, valid = _rollout_tensors(tokenizer, prompts, responses)
+    with torch.no_grad():
+        teacher_lp = _response_logits(teacher, input_ids, attention, index).log_softmax(-1)
+        rollout_logits = _response_logits(student, input_ids, attention, index)
+    if config["teacher_topk"]:
+        top_lp, top_ids = teacher_lp.topk(config["teacher_topk"], dim=-1)
+    else:
+        top_lp, top_ids = teacher_lp, torch.arange(teacher_lp.shape[-1]).expand_as(teacher_lp)
+    stats = token_statistics(rollout_logits, top_ids, top_lp, k=settings["k"])
+    selected = select_positions(
+        config["selector"],
+        stats,
+        valid,
+        config["ratio"],
+        min_keep_per_sample=config["min_keep"],
+        generator=generator,
+    )
+    selected &= valid
+    with torch.no_grad():
+        reverse_kl = reverse_kl_on_teacher_support(rollout_logits, top_ids, top_lp)
+    return _Rollouts(input_ids, attention, index, valid, top_ids, top_lp, selected, reverse_kl)
+
+
+def _update(student, optimizer, rollouts: _Rollouts, config: dict, settings: dict):
+    """`epochs` passes of shuffled mini-batches, one AdamW step each on the selected positions' loss (a
+    step with a non-finite gradient norm is skipped); returns (losses, grad norms, skipped steps)."""
+    losses, grad_norms, skipped = [], [], 0
+    mini_batches = [
+        chunk
+        for _ in range(config["epochs"])
+        for chunk in torch.randperm(len(rollouts.valid)).chunk(settings["mini_batches"])
+    ]
+    for chunk in mini_batches:
+        mask = rollouts.selected[chunk]
+        logits = _response_logits(
+            student, rollouts.input_ids[chunk], rollouts.attention[chunk], rollouts.index[chunk]
+        )
+        per_token = reverse_kl_on_teacher_support(logits, rollouts.top_ids[chunk], rollouts.top_lp[chunk])
+        loss = masked_aggregate(
+            per_token,
+            mask,
+            "token-mean",
+            dp_size=1,
+            batch_num_selected=float(mask.sum()),
+            global_batch_size=len(chunk),
+        )
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), settings["grad_clip"])
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            skipped += 1
+        losses.append(loss.item())
+        grad_norms.append(grad_norm.item())
+    return losses, grad_norms, skipped
+
+
+def _step_record(step: int, rollouts: _Rollouts, min_keep: int, update, lr: float, seconds: float) -> dict:
+    """One step's entry of the run's records; `update` is `_update`'s result."""
+    losses, grad_norms, skipped = update
+    valid, selected, reverse_kl = rollouts.valid, rollouts.selected, rollouts.reverse_kl
+    valid_per_sample = valid.sum(-1)
+    short = selected.sum(-1) < valid_per_sample.clamp(max=min_keep)
+    return {
+        "step": step,
+        "n_valid": int(valid.sum()),
+        "n_selected": int(selected.sum()),
+        "n_samples": len(valid),
+        "samples_below_min_keep": int(short.sum()),
+        "loss": statistics.fmean(losses),
+        "grad_norm": statistics.fmean(grad_norms),
+        "skipped_updates": skipped,
+        "lr": lr,
+        "reverse_kl_selected": float(reverse_kl[selected].mean()) if selected.any() else 0.0,
+        "reverse_kl_all": float(reverse_kl[valid].mean()),
+        "response_length": float(valid_per_sample.float().mean()),
+        "seconds": seconds,
+    }
+
+
+def _progress_line(
+    tag: str, steps: int, records: list[dict], curve: list[dict], log_every: int, elapsed: float
+):
+    step = records[-1]["step"]
+    recent = records[-log_every:]
+    kept = sum(r["n_selected"] for r in recent) / max(1, sum(r["n_valid"] for r in recent))
+    accuracy = f" accuracy {curve[-1]['accuracy']:.1%}" if curve[-1]["step"] == step else ""
+    return (
+        f"{tag} step {step}/{steps}: loss {records[-1]['loss']:.3f} kept {kept:.1%}"
+        f" RKL(all) {records[-1]['reverse_kl_all']:.3f}{accuracy}"
+        f" | {elapsed / step:.2f} s/step, ETA {_format_seconds(elapsed / step * (steps - step))}"
+    )
+
+
+def run_one(config: dict, seed: int, settings: dict) -> dict:
+    """One (configuration, seed) run; `settings` holds the loop arguments and the pair's paths."""
+    torch.set_num_threads(settings["threads"])
+    tag = f"[{config['label']} seed {seed}]"
+    tokenizer, student, teacher = _load_models(settings)
     train_prompts = [p.prompt for p in _load_problems(settings["train_parquet"])]
     val = _load_problems(settings["val_parquet"], settings["val_size"])
-    student.train()
     optimizer = torch.optim.AdamW(
         student.parameters(), lr=config["lr"], weight_decay=settings["weight_decay"]
     )
@@ -231,121 +379,33 @@ def run_one(config: dict, seed: int, settings: dict) -> dict:
     )
 
     torch.manual_seed(seed)  # sampling in generate and the mini-batch order draw from the global generator
-    order_generator = torch.Generator().manual_seed(seed)
+    stream = _PromptStream(train_prompts, torch.Generator().manual_seed(seed))
     selector_generator = torch.Generator().manual_seed(seed + 1_000_003)
 
     def evaluate(step: int) -> dict:
         result = greedy_accuracy(student, tokenizer, val)
         return {"step": step, "accuracy": result["accuracy"], "per_task": result["per_task"]}
 
-    batch, n = settings["batch"], settings["samples_per_prompt"]
     curve = [evaluate(0)]
     print(f"{tag} step 0/{steps}: accuracy {curve[-1]['accuracy']:.1%}", flush=True)
     records: list[dict] = []
-    order, cursor = torch.randperm(len(train_prompts), generator=order_generator), 0
     start = time.perf_counter()
     for step in range(1, steps + 1):
         step_start = time.perf_counter()
-        prompts = []
-        for _ in range(batch):
-            if cursor == len(order):
-                order, cursor = torch.randperm(len(train_prompts), generator=order_generator), 0
-            prompts.append(train_prompts[int(order[cursor])])
-            cursor += 1
-        prompts = [p for p in prompts for _ in range(n)]
-        responses = generate_responses(
-            student,
-            tokenizer,
-            prompts,
-            do_sample=True,
-            temperature=1.0,
-            top_p=config["top_p"],
-            max_new_tokens=settings["max_new"],
+        prompts = [p for p in stream.take(settings["batch"]) for _ in range(settings["samples_per_prompt"])]
+        rollouts = _scored_rollouts(
+            student, teacher, tokenizer, prompts, config, settings, selector_generator
         )
-        input_ids, attention, index, valid = _rollout_tensors(tokenizer, prompts, responses)
-        with torch.no_grad():
-            teacher_lp = _response_logits(teacher, input_ids, attention, index).log_softmax(-1)
-            rollout_logits = _response_logits(student, input_ids, attention, index)
-        if config["teacher_topk"]:
-            top_lp, top_ids = teacher_lp.topk(config["teacher_topk"], dim=-1)
-        else:
-            top_lp, top_ids = teacher_lp, torch.arange(teacher_lp.shape[-1]).expand_as(teacher_lp)
-        stats = token_statistics(rollout_logits, top_ids, top_lp, k=settings["k"])
-        selected = select_positions(
-            config["selector"],
-            stats,
-            valid,
-            config["ratio"],
-            min_keep_per_sample=config["min_keep"],
-            generator=selector_generator,
-        )
-        selected &= valid
-        with torch.no_grad():
-            reverse_kl_all = reverse_kl_on_teacher_support(rollout_logits, top_ids, top_lp)
-
-        losses, grad_norms, skipped = [], [], 0
-        mini_batches = [
-            chunk
-            for _ in range(config["epochs"])
-            for chunk in torch.randperm(len(prompts)).chunk(settings["mini_batches"])
-        ]
-        for chunk in mini_batches:
-            mask = selected[chunk]
-            logits = _response_logits(student, input_ids[chunk], attention[chunk], index[chunk])
-            per_token = reverse_kl_on_teacher_support(logits, top_ids[chunk], top_lp[chunk])
-            loss = masked_aggregate(
-                per_token,
-                mask,
-                "token-mean",
-                dp_size=1,
-                batch_num_selected=float(mask.sum()),
-                global_batch_size=len(chunk),
-            )
-            optimizer.zero_grad(set_to_none=False)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), settings["grad_clip"])
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                skipped += 1
-            losses.append(loss.item())
-            grad_norms.append(grad_norm.item())
+        update = _update(student, optimizer, rollouts, config, settings)
         step_lr = scheduler.get_last_lr()[0]
         scheduler.step()
-
-        valid_per_sample = valid.sum(-1)
-        selected_per_sample = selected.sum(-1)
-        short = selected_per_sample < valid_per_sample.clamp(max=config["min_keep"])
-        records.append(
-            {
-                "step": step,
-                "n_valid": int(valid.sum()),
-                "n_selected": int(selected.sum()),
-                "n_samples": len(prompts),
-                "samples_below_min_keep": int(short.sum()),
-                "loss": statistics.fmean(losses),
-                "grad_norm": statistics.fmean(grad_norms),
-                "skipped_updates": skipped,
-                "lr": step_lr,
-                "reverse_kl_selected": float(reverse_kl_all[selected].mean()) if selected.any() else 0.0,
-                "reverse_kl_all": float(reverse_kl_all[valid].mean()),
-                "response_length": float(valid_per_sample.float().mean()),
-                "seconds": time.perf_counter() - step_start,
-            }
-        )
+        seconds = time.perf_counter() - step_start
+        records.append(_step_record(step, rollouts, config["min_keep"], update, step_lr, seconds))
         if step % settings["eval_every"] == 0 or step == steps:
             curve.append(evaluate(step))
         if step % settings["log_every"] == 0 or step == steps or curve[-1]["step"] == step:
             elapsed = time.perf_counter() - start
-            recent = records[-settings["log_every"] :]
-            kept = sum(r["n_selected"] for r in recent) / max(1, sum(r["n_valid"] for r in recent))
-            accuracy = f" accuracy {curve[-1]['accuracy']:.1%}" if curve[-1]["step"] == step else ""
-            print(
-                f"{tag} step {step}/{steps}: loss {records[-1]['loss']:.3f} kept {kept:.1%}"
-                f" RKL(all) {records[-1]['reverse_kl_all']:.3f}{accuracy}"
-                f" | {elapsed / step:.2f} s/step, ETA {_format_seconds(elapsed / step * (steps - step))}",
-                flush=True,
-            )
+            print(_progress_line(tag, steps, records, curve, settings["log_every"], elapsed), flush=True)
     wall = time.perf_counter() - start
     return {"seed": seed, "curve": curve, "steps": records, "wall_s": wall}
 
@@ -393,6 +453,7 @@ def markdown_table(configs: list[dict]) -> str:
 
 
 def plot(configs: list[dict], path: Path, title: str) -> None:
+    # matplotlib only where a plot is drawn, and its Agg backend chosen then, not for every importer.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -444,8 +505,6 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ta_opd_verl.tiny.build import build_tiny_pair
-
     _check(args)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -514,9 +573,6 @@ def run(args: argparse.Namespace) -> dict:
         for i, job in enumerate(jobs):
             finished(i, run_one(*job))
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
             futures = {pool.submit(_run_one_star, job): i for i, job in enumerate(jobs)}

@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def make_function(name: str, inputs: dict[str, torch.Tensor], k: int):
     """A zero-argument callable running one function on `inputs` (its setup is done here, not timed)."""
     logits, ids, lps = inputs["logits"], inputs["teacher_ids"], inputs["teacher_lp"]
     if name == "verl":
+        # verl takes seconds to import; only this function of the three needs it.
         from verl.trainer.distillation.fsdp.losses import compute_forward_kl_topk
         from verl.workers.config.distillation import DistillationConfig, DistillationLossConfig
 
@@ -150,8 +152,6 @@ def _reset_peak() -> bool:
 
 def memory_child(name: str, n: int, v: int, k: int, seed: int, threads: int) -> None:
     """Runs in a fresh process: prints one JSON line with the peak memory of one call of `name`."""
-    import resource
-
     torch.set_num_threads(threads)
     inputs = make_inputs(n, v, k, seed)
     fn = make_function(name, inputs, k)
@@ -218,6 +218,7 @@ def markdown_table(cases: list[dict]) -> str:
 
 
 def plot(cases: list[dict], path: Path) -> None:
+    # matplotlib only where a plot is drawn, and its Agg backend chosen then, not for every importer.
     import matplotlib
 
     matplotlib.use("Agg")

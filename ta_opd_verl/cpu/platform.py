@@ -14,13 +14,26 @@ Leans on verl 0.9.1 internals:
 
 from __future__ import annotations
 
+import sys
 import types
 from contextlib import contextmanager
 
 import psutil
 import torch
+import torch.distributed.fsdp as torch_fsdp
+import verl.utils.distributed as verl_distributed
+from verl.plugin.platform.platform_base import PlatformBase
+from verl.plugin.platform.platform_manager import PlatformRegistry
 
-from ta_opd_verl.cpu import CPU_PLATFORM_NAME, CPURuntimeError
+from ta_opd_verl.cpu import CPU_PLATFORM_NAME
+from ta_opd_verl.verl_fence import FINGERPRINTS
+
+FINGERPRINTS.update(
+    {
+        "verl.utils.distributed:initialize_global_process_group_ray": "761a94d1a2e058d3",
+        "verl.plugin.platform.platform_manager:PlatformRegistry.register": "81bf1fb5c8ae6103",
+    }
+)
 
 _APPLIED: list[str] = []
 
@@ -103,8 +116,6 @@ CPU_DEVICE_MODULE = CPUDeviceModule()
 
 
 def build_platform_class():
-    from verl.plugin.platform.platform_base import PlatformBase
-
     class PlatformCPU(PlatformBase):
         """CPU tensors, gloo collectives, and Ray's logical ``GPU`` resource for placement: verl's
         resource pools count ``GPU``s, so a CPU run declares logical GPUs with
@@ -169,12 +180,6 @@ def build_platform_class():
 
 
 def register_cpu_platform() -> None:
-    try:
-        from verl.plugin.platform.platform_manager import PlatformRegistry
-    except ImportError as error:
-        raise CPURuntimeError(
-            f"VERL_PLATFORM=cpu needs verl's platform registry (verl.plugin.platform, verl 0.9.1): {error}"
-        ) from error
     if PlatformRegistry.get(CPU_PLATFORM_NAME) is None:
         PlatformRegistry.register(platform=CPU_PLATFORM_NAME)(build_platform_class())
 
@@ -190,19 +195,23 @@ def apply_cpu_patches() -> list[str]:
     """Idempotent; returns the names of the patches in place."""
     if _APPLIED:
         return list(_APPLIED)
-    import torch.distributed.fsdp as torch_fsdp
-    import verl.utils.distributed as verl_distributed
-
     original_init = verl_distributed.initialize_global_process_group_ray
 
     def initialize_global_process_group_ray(timeout_second=None, backend=None):
         return original_init(timeout_second=timeout_second, backend=backend or "cpu:gloo")
 
     verl_distributed.initialize_global_process_group_ray = initialize_global_process_group_ray
+    # verl.workers.engine_workers imports it by name: patch that copy too if it was imported first.
+    engine_workers = sys.modules.get("verl.workers.engine_workers")
+    if engine_workers is not None:
+        engine_workers.initialize_global_process_group_ray = initialize_global_process_group_ray
     _APPLIED.append("verl.utils.distributed.initialize_global_process_group_ray: backend 'cpu:gloo'")
 
     # verl.utils.fsdp_utils does `from torch.distributed.fsdp import CPUOffloadPolicy` when the FSDP
     # engine is first imported, after this runs.
     torch_fsdp.CPUOffloadPolicy = CPUOffloadPolicyWithoutPinning
+    fsdp_utils = sys.modules.get("verl.utils.fsdp_utils")
+    if fsdp_utils is not None:
+        fsdp_utils.CPUOffloadPolicy = CPUOffloadPolicyWithoutPinning
     _APPLIED.append("torch.distributed.fsdp.CPUOffloadPolicy: pin_memory=False")
     return list(_APPLIED)

@@ -26,6 +26,7 @@ def register() -> None:
     if not cpu_platform_requested():
         return
     try:
+        # vLLM is imported only on the CPU platform, in vLLM's own engine processes (which load this plugin).
         import vllm.model_executor.layers.utils as layer_utils
     except ImportError as error:
         raise CPURuntimeError(

@@ -15,6 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 BANK_FORMAT = 1
@@ -79,8 +82,6 @@ def read_prompts(path: str | os.PathLike, limit: int) -> list[tuple[int, list[di
     verl's format stores each prompt as a list of `{"role": ..., "content": ...}` messages in the column
     `prompt`; the error names the file, the column and the row when that is not what the file holds.
     """
-    import pandas as pd
-
     path = Path(path)
     if not path.is_file():
         raise BankError(f"prompt file {path} does not exist")
@@ -198,9 +199,6 @@ def _cut_response(tokens: list[int], eos_id: int, pad_id: int) -> tuple[int, ...
 
 def save_bank(bank: Bank, path: str | os.PathLike) -> Path:
     """Write the bank to one parquet file (settings in the schema metadata); returns the path."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table(
@@ -219,8 +217,6 @@ def save_bank(bank: Bank, path: str | os.PathLike) -> Path:
 
 def load_bank(path: str | os.PathLike) -> Bank:
     """Read a bank written by `save_bank`; errors name the file and the missing column or key."""
-    import pyarrow.parquet as pq
-
     path = Path(path)
     if not path.is_file():
         raise BankError(f"bank file {path} does not exist")

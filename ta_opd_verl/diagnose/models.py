@@ -77,6 +77,7 @@ def check_trained_checkpoint(
 
 def load_model(path: str | os.PathLike, device: str, dtype: torch.dtype, role: str):
     """`AutoModelForCausalLM` in eval mode on `device`; the folder is checked first."""
+    # transformers takes seconds to import; this module's folder checks are used without loading a model.
     from transformers import AutoModelForCausalLM
 
     config_vocab_size(path, role)

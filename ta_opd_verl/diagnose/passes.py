@@ -14,7 +14,7 @@ import torch
 from ta_opd_verl.diagnose.bank import Bank
 from ta_opd_verl.diagnose.models import autocast_context, bank_batches, response_logits
 from ta_opd_verl.diagnose.progress import Progress
-from ta_opd_verl.diagnose.scoring import divergences, support_statistics, teacher_entries
+from ta_opd_verl.diagnose.scoring import divergences, support_statistics, teacher_topk_and_sampled_logprobs
 
 # Temporaries of the V-wide math per block of rollouts: each float32 [positions, V] about this size.
 _BLOCK_BYTES = 256 * 2**20
@@ -67,7 +67,7 @@ def score_initial(
             values.update(
                 support_statistics(student_logits[block], teacher_logits[block], ks, values["entropy"])
             )
-            top_ids, top_logprobs, sampled_logprob = teacher_entries(
+            top_ids, top_logprobs, sampled_logprob = teacher_topk_and_sampled_logprobs(
                 teacher_logits[block], sampled[block], teacher_topk
             )
             values.update(top_ids=top_ids, top_logprobs=top_logprobs, sampled_logprob=sampled_logprob)

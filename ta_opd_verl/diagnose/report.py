@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from ta_opd_verl.diagnose.bank import Bank
 from ta_opd_verl.diagnose.diagnostic import support_features
 
-# The paper's figures (Qwen3 pairs) the report sets ours beside; the spec does not say whether each is an
+# The paper's figures (Qwen3 pairs) the report sets ours beside; the paper does not say whether each is an
 # absolute or a relative gain (the authors' scripts store relative gains), so both of ours are shown.
 PAPER = {
     "beta_l": "0.086-0.087",
@@ -43,8 +44,6 @@ def write_outputs(
 
 def token_table(bank, grids, gain_grid, kl_tau, run_gains, ks):
     """One row per valid bank position: ids, θ0's statistics and scores for every K, θτ's KL and the gains."""
-    import pandas as pd
-
     valid = bank.valid_mask()
     rollout = torch.arange(bank.rollouts).unsqueeze(1).expand_as(valid)
     columns = {
@@ -70,6 +69,7 @@ def token_table(bank, grids, gain_grid, kl_tau, run_gains, ks):
 
 
 def write_plots(out: Path, tokens, summary: dict, train_k: int) -> list[str]:
+    # matplotlib only where a plot is drawn, and its Agg backend chosen then, not for every importer.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,8 +152,6 @@ def write_plots(out: Path, tokens, summary: dict, train_k: int) -> list[str]:
 
 def _binned_means(x, y, bins: int = 10):
     """Mean of y in each decile of x (deciles that coincide, at ties, are merged)."""
-    import pandas as pd
-
     edges = pd.qcut(x, bins, duplicates="drop")
     grouped = pd.DataFrame({"x": x, "y": y, "bin": edges}).groupby("bin", observed=True)
     return grouped["x"].mean().to_numpy(), grouped["y"].mean().to_numpy()

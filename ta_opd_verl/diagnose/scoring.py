@@ -83,7 +83,7 @@ def support_statistics(
 
 
 @torch.no_grad()
-def teacher_entries(
+def teacher_topk_and_sampled_logprobs(
     teacher_logits: torch.Tensor, sampled_ids: torch.Tensor, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's top-`topk` ids and log-probs `[..., topk]` and its log-prob of the sampled token `[...]`:

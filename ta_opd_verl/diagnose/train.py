@@ -24,7 +24,7 @@ from ta_opd_verl.diagnose.bank import Bank
 from ta_opd_verl.diagnose.models import autocast_context, response_logits
 from ta_opd_verl.diagnose.passes import TeacherEntries
 from ta_opd_verl.diagnose.progress import Progress
-from ta_opd_verl.loss import masked_aggregate, reverse_kl_on_teacher_support
+from ta_opd_verl.opd_loss import masked_aggregate, reverse_kl_on_teacher_support
 
 LOSSES = ("reverse_kl_topk", "pg_k1")
 

@@ -4,7 +4,7 @@ Both models are Qwen3-architecture causal LMs trained from scratch on the task m
 `ta_opd_verl.tiny.tasks`, sharing the byte-level BPE of `ta_opd_verl.tiny.tokenizer`. The teacher is
 trained to the end with label smoothing (a soft, bounded distribution); the student has the same recipe
 but stops EARLY (`BuildSettings.student_steps`), so on-policy distillation has room to move it
-(spec/tiny-models.md). Training streams favour the hard scratchpad tasks; the held-out sets and the
+(docs/tiny-pair.md). Training streams favour the hard scratchpad tasks; the held-out sets and the
 verl parquet files draw the five tasks uniformly.
 
 The result is cached: ``<out>/manifest.json`` records a hash of the settings and of this package's source;
@@ -36,8 +36,10 @@ from pathlib import Path
 
 import torch
 
+from ta_opd_verl.tiny.evaluate import greedy_accuracy
+from ta_opd_verl.tiny.parquet import write_parquet, write_problems_parquet
 from ta_opd_verl.tiny.tasks import TASKS, Problem, generate_problem, generate_problems, number_words
-from ta_opd_verl.tiny.tokenizer import render_chat
+from ta_opd_verl.tiny.tokenizer import render_chat, train_tokenizer
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "ta_opd_tiny_pair"
@@ -47,7 +49,13 @@ ENV_DIR = "TA_OPD_TINY_DIR"
 # What the pair is for: a near-perfect teacher, a student past the plateau with room to learn.
 TEACHER_TARGET = 0.97
 STUDENT_BAND = (0.02, 0.15)
-_HASHED_SOURCES = ("tiny/tasks.py", "tiny/tokenizer.py", "tiny/evaluate.py", "tiny/build.py", "data.py")
+_HASHED_SOURCES = (
+    "tiny/tasks.py",
+    "tiny/tokenizer.py",
+    "tiny/evaluate.py",
+    "tiny/build.py",
+    "tiny/parquet.py",
+)
 
 
 class TinyBuildError(RuntimeError):
@@ -89,15 +97,14 @@ class BuildSettings:
 
     seed: int = 0
     teacher: ModelShape = ModelShape(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=384)
-    # As wide as the teacher, shallower and with a smaller FFN, stopped early: in 100 steps of 32 prompts,
-    # on-policy OPD at 5% taught a hidden-128 student +6.7 points, a hidden-64 one +3.9 (docs/benchmarks.md).
+    # As wide as the teacher, shallower and with a smaller FFN, stopped early: on-policy OPD at 5% taught a
+    # hidden-128 student more than a hidden-64 one (docs/benchmarks.md, "On-policy TA-OPD in plain PyTorch").
     student: ModelShape = ModelShape(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256)
     batch_size: int = 32
     teacher_steps: int = 1700
     student_schedule_steps: int = 1500
-    # Early, where the student is at 3-4% and on-policy OPD lifts it furthest: in 80 steps of the demo's
-    # settings (plain PyTorch), checkpoints 280-300 of seed 0 all reach about 26% (spell ~80%, say ~56%)
-    # and 270 only 21%, so 280 starts lowest among those that get there (docs/tiny-pair.md, "The student").
+    # Early, where on-policy OPD lifts the student furthest: of the checkpoints that reach the same accuracy
+    # after the demo's settings in plain PyTorch, this one starts lowest (docs/tiny-pair.md, "The student").
     student_steps: int = 280
     lr: float = 4e-3
     warmup_steps: int = 100
@@ -192,6 +199,7 @@ def _tokenizer_corpus(settings: BuildSettings) -> list[str]:
 
 
 def _make_model(shape: ModelShape, tokenizer, seed: int):
+    # transformers takes seconds to import; every tool imports this module, most only for a cache hit.
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
@@ -301,8 +309,6 @@ def _pinned_threads(n: int):
 
 
 def _train_teacher(tokenizer, settings, stream, val, quiet) -> tuple[object, list[dict]]:
-    from ta_opd_verl.tiny.evaluate import greedy_accuracy
-
     model = _make_model(settings.teacher, tokenizer, _seed(settings, "teacher-init"))
     trainer = _Trainer(model, tokenizer, settings, settings.teacher_steps, stream)
     progress, history, losses = _Progress("teacher", settings.teacher_steps, quiet), [], []
@@ -319,8 +325,6 @@ def _train_teacher(tokenizer, settings, stream, val, quiet) -> tuple[object, lis
 
 def _train_student(tokenizer, settings, stream, val, quiet) -> tuple[object, list[dict]]:
     """Train for student_steps of the student_schedule_steps schedule; return (model, history)."""
-    from ta_opd_verl.tiny.evaluate import greedy_accuracy
-
     model = _make_model(settings.student, tokenizer, _seed(settings, "student-init"))
     trainer = _Trainer(model, tokenizer, settings, settings.student_schedule_steps, stream)
     progress, history, losses = _Progress("student", settings.student_steps, quiet), [], []
@@ -415,10 +419,6 @@ def build_tiny_pair(
     ``overrides`` replace `BuildSettings` fields (e.g. ``teacher_steps=40`` for a shortened build);
     ``force`` rebuilds even when the cache matches. Raises `TinyBuildError` for an unusable folder.
     """
-    from ta_opd_verl.data import write_parquet, write_problems_parquet
-    from ta_opd_verl.tiny.evaluate import greedy_accuracy
-    from ta_opd_verl.tiny.tokenizer import train_tokenizer
-
     unknown = set(overrides) - {f.name for f in dataclasses.fields(BuildSettings)}
     if unknown:
         raise TinyBuildError(f"unknown build setting(s): {', '.join(sorted(unknown))}")
@@ -430,68 +430,10 @@ def build_tiny_pair(
             print(f"tiny pair: cache hit at {out_dir}", flush=True)
         return cached
     _check_out_dir(out_dir, force)
-
-    started = time.perf_counter()
-    evaluation, val = heldout_problems(settings)
-    excluded = {p.prompt for p in evaluation} | {p.prompt for p in val}
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
     try:
-        with _pinned_threads(1):
-            tokenizer = train_tokenizer(_tokenizer_corpus(settings))
-            teacher, teacher_history = _train_teacher(
-                tokenizer, settings, _training_stream(_seed(settings, "teacher-data"), excluded), val, quiet
-            )
-            student, student_history = _train_student(
-                tokenizer, settings, _training_stream(_seed(settings, "student-data"), excluded), val, quiet
-            )
-        train_seconds = time.perf_counter() - started
-        teacher_eval = greedy_accuracy(teacher, tokenizer, evaluation)
-        student_eval = greedy_accuracy(student, tokenizer, evaluation)
-        for name, model in (("teacher", teacher), ("student", student)):
-            model.save_pretrained(staging / name, safe_serialization=True)
-            tokenizer.save_pretrained(staging / name)
-        write_parquet(
-            staging / "train.parquet",
-            settings.train_rows,
-            _seed(settings, "train-rows"),
-            "train",
-            exclude_prompts=excluded,
-            tasks=TASKS,
-        )
-        write_problems_parquet(staging / "val.parquet", val, "val")
-        manifest = {
-            "kind": MANIFEST_KIND,
-            "format_version": FORMAT_VERSION,
-            "settings_hash": settings_hash(settings),
-            "settings": dataclasses.asdict(settings),
-            "torch_version": torch.__version__,
-            "vocab_size": len(tokenizer),
-            "teacher": {
-                "params": _param_count(teacher),
-                "steps": settings.teacher_steps,
-                "eval": teacher_eval,
-                "history": teacher_history,
-            },
-            "student": {
-                "params": _param_count(student),
-                "stopped_at_step": settings.student_steps,
-                "eval": student_eval,
-                "history": student_history,
-            },
-            "eval_problems": len(evaluation),
-            "meets_targets": teacher_eval["accuracy"] >= TEACHER_TARGET
-            and STUDENT_BAND[0] <= student_eval["accuracy"] <= STUDENT_BAND[1],
-            "train_seconds": round(train_seconds, 1),
-            "build_seconds": round(time.perf_counter() - started, 1),
-        }
-        manifest = json.loads(json.dumps(manifest))  # what a cache hit reads back (tuples become lists)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the pair is meant to be shared
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        manifest = _build_into(staging, settings, quiet)
+        _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -506,6 +448,89 @@ def build_tiny_pair(
             flush=True,
         )
     return pair
+
+
+def _build_into(staging: Path, settings: BuildSettings, quiet: bool) -> dict:
+    """Train the tokenizer and both models, evaluate them, and write the pair's files and manifest into
+    ``staging``; returns the manifest."""
+    started = time.perf_counter()
+    evaluation, val = heldout_problems(settings)
+    excluded = {p.prompt for p in evaluation} | {p.prompt for p in val}
+    with _pinned_threads(1):
+        tokenizer = train_tokenizer(_tokenizer_corpus(settings))
+        teacher = _train_teacher(
+            tokenizer, settings, _training_stream(_seed(settings, "teacher-data"), excluded), val, quiet
+        )
+        student = _train_student(
+            tokenizer, settings, _training_stream(_seed(settings, "student-data"), excluded), val, quiet
+        )
+    train_seconds = time.perf_counter() - started
+    trained = {"teacher": teacher, "student": student}
+    evals = {name: greedy_accuracy(model, tokenizer, evaluation) for name, (model, _) in trained.items()}
+    for name, (model, _) in trained.items():
+        model.save_pretrained(staging / name, safe_serialization=True)
+        tokenizer.save_pretrained(staging / name)
+    write_parquet(
+        staging / "train.parquet",
+        settings.train_rows,
+        _seed(settings, "train-rows"),
+        "train",
+        exclude_prompts=excluded,
+        tasks=TASKS,
+    )
+    write_problems_parquet(staging / "val.parquet", val, "val")
+    manifest = _manifest(settings, len(tokenizer), trained, evals, len(evaluation), train_seconds, started)
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _manifest(
+    settings: BuildSettings,
+    vocab_size: int,
+    trained: dict[str, tuple[object, list[dict]]],
+    evals: dict[str, dict],
+    eval_problems: int,
+    train_seconds: float,
+    started: float,
+) -> dict:
+    """The manifest of a built pair, as a cache hit reads it back (JSON types: tuples become lists)."""
+    (teacher, teacher_history), (student, student_history) = trained["teacher"], trained["student"]
+    manifest = {
+        "kind": MANIFEST_KIND,
+        "format_version": FORMAT_VERSION,
+        "settings_hash": settings_hash(settings),
+        "settings": dataclasses.asdict(settings),
+        "torch_version": torch.__version__,
+        "vocab_size": vocab_size,
+        "teacher": {
+            "params": _param_count(teacher),
+            "steps": settings.teacher_steps,
+            "eval": evals["teacher"],
+            "history": teacher_history,
+        },
+        "student": {
+            "params": _param_count(student),
+            "stopped_at_step": settings.student_steps,
+            "eval": evals["student"],
+            "history": student_history,
+        },
+        "eval_problems": eval_problems,
+        "meets_targets": evals["teacher"]["accuracy"] >= TEACHER_TARGET
+        and STUDENT_BAND[0] <= evals["student"]["accuracy"] <= STUDENT_BAND[1],
+        "train_seconds": round(train_seconds, 1),
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
+    return json.loads(json.dumps(manifest))
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` with the finished ``staging`` folder, readable by everyone the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the pair is meant to be shared
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
 
 
 def summary(pair: TinyPair) -> str:

@@ -30,7 +30,7 @@ def generate_responses(
     The prompt is the chat template with the generation prompt, as verl builds it. Sampling draws from
     torch's global generator: seed it before calling for reproducible samples. ``threads`` pins torch's
     thread count for the call (None: leave it): on models this small, extra threads only add OpenMP
-    synchronisation, which on a busy 2-core machine made generation 10-50x slower.
+    synchronisation, which on a busy 2-core machine made generation many times slower.
     """
     threads_before = torch.get_num_threads()
     if threads is not None:
@@ -73,7 +73,7 @@ def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], *, batch_size
     """Greedy accuracy overall and per task: ``{"accuracy": float, "per_task": {task: float}, "n": int}``.
 
     Responses are decoded with ``skip_special_tokens=True`` and checked by `tasks.is_correct`, exactly
-    as verl's reward loop does with `ta_opd_verl.reward.compute_score`.
+    as verl's reward loop does with `ta_opd_verl.tiny.reward.compute_score`.
     """
     responses = generate_responses(model, tokenizer, [p.prompt for p in problems], batch_size=batch_size)
     hits: dict[str, list[bool]] = defaultdict(list)

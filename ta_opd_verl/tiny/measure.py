@@ -20,8 +20,13 @@ import math
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ta_opd_verl.teachability import select_positions, selector_scores, token_statistics
+from ta_opd_verl.tiny.build import build_tiny_pair
+from ta_opd_verl.tiny.evaluate import generate_responses
 from ta_opd_verl.tiny.tokenizer import render_chat
 
 
@@ -74,11 +79,6 @@ def measure_teachability(
     max_new_tokens: int = 32,
 ) -> dict:
     """Figures for ``samples`` student rollouts of each prompt; see the module docstring."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ta_opd_verl.teachability import select_positions, selector_scores, token_statistics
-    from ta_opd_verl.tiny.evaluate import generate_responses
-
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     student = AutoModelForCausalLM.from_pretrained(student_path).eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
@@ -153,8 +153,6 @@ def measure_teachability(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ta_opd_verl.tiny.build import build_tiny_pair
-
     parser = argparse.ArgumentParser(
         prog="python -m ta_opd_verl.tiny.measure", description=__doc__.split("\n\n")[0]
     )
@@ -166,9 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
-    import pandas as pd
-
     pair = build_tiny_pair(args.pair, quiet=True)
     frame = pd.read_parquet(pair.train_parquet).head(args.prompts)
     prompts = [messages[0]["content"] for messages in frame["prompt"]]

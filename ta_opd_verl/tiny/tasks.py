@@ -10,7 +10,7 @@ Every response has the shape ``[opener] [work] marker answer``:
   response, which makes the first separator another soft position and the later ones copies.
 - ``marker`` is one of ``MARKERS``, drawn uniformly (soft again); the answer is everything after the LAST
   marker word. ``parse_answer`` implements that rule for both the builder's accuracy eval and the verl
-  reward (`ta_opd_verl.reward`), so the two can never disagree.
+  reward (`ta_opd_verl.tiny.reward`), so the two can never disagree.
 
 Task formats (prompt -> answer); the arithmetic ones carry the scratchpad:
 

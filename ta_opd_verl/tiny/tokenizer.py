@@ -3,7 +3,7 @@
 Why this shape:
 - Byte-level (all 256 byte symbols in the vocabulary) so any text encodes and decodes losslessly, spaces
   and newlines of the chat template included. A character-level WordLevel tokenizer loses spaces when a
-  `qwen2` model folder makes transformers swap in Qwen's tokenizer class (see spec/tiny-models.md).
+  `qwen2` model folder makes transformers swap in Qwen's tokenizer class.
 - Digits split one by one, as Qwen's pre-tokenizer does, so arithmetic works digit by digit; a leading
   space may stay glued to a digit (`" 7"` is one token) to keep sequences short.
 - The merges are learned on the task corpus until every task word is a single token, so the model sees a
@@ -52,6 +52,7 @@ def train_tokenizer(corpus: Iterable[str], max_vocab_size: int = 1024):
     Merging stops when no pair inside a pre-token repeats (every task word is one token) or at
     ``max_vocab_size``. Training is deterministic for a given corpus.
     """
+    # transformers takes seconds to import; `render_chat`, which every tool uses, needs none of it.
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())

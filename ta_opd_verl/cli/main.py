@@ -1,0 +1,53 @@
+"""`ta-opd`: the package's command line. Each subcommand lives in its own module and is imported lazily,
+so `ta-opd --help` stays fast and a subcommand's heavy imports happen only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with a `main(argv) -> int`, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "build-tiny": (
+        "ta_opd_verl.tiny.build",
+        "build (or reuse) the tiny CPU teacher/student pair and its data",
+    ),
+    "diagnose": (
+        "ta_opd_verl.diagnose.main",
+        "the paper's fixed-context diagnostic: which score predicts the gain (report in outputs/diagnose)",
+    ),
+    "compare": (
+        "ta_opd_verl.compare.main",
+        "benchmark: selectors and budgets through verl on the tiny pair (table and plot in outputs/compare)",
+    ),
+    "demo": (
+        "ta_opd_verl.demo.run",
+        "TA-OPD on the tiny pair through verl's trainer; report and plot in outputs/demo",
+    ),
+    "prepare-data": (
+        "ta_opd_verl.data.prepare",
+        "DAPO-Math-17k or GSM8K (a downloaded copy, or --download) as verl parquet files",
+    ),
+    "train": ("ta_opd_verl.cli.train", "run verl's trainer with TA-OPD (on CPU: on the tiny pair)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="ta-opd", description=__doc__)
+    parser.add_argument(
+        "command",
+        choices=sorted(SUBCOMMANDS),
+        help="; ".join(f"{name}: {help_}" for name, (_, help_) in sorted(SUBCOMMANDS.items())),
+    )
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    args, rest = parser.parse_known_args(argv[:1])
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

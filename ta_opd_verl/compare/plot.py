@@ -1,0 +1,43 @@
+"""``compare.png``: the accuracy gain and the held-out reverse-KL reduction per selector, and the budget
+curve of `BUDGET_SELECTOR`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ta_opd_verl.compare.plan import BUDGET_SELECTOR, MAIN_RATIO
+
+
+def plot_comparison(rows: Sequence[dict], path: Path) -> None:
+    """`results.aggregate`'s rows as three panels, written to ``path``."""
+    # matplotlib only where a plot is drawn, and its Agg backend chosen then, not for every importer.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    at_main = [row for row in rows if row["ratio"] == MAIN_RATIO]
+    budget = sorted((row for row in rows if row["selector"] == BUDGET_SELECTOR), key=lambda row: row["ratio"])
+    figure, (gain_axis, kl_axis, budget_axis) = plt.subplots(1, 3, figsize=(17, 4.5))
+    names = [f"{row['selector']}\nkept {100 * row['kept_fraction']['mean']:.1f}%" for row in at_main]
+    for axis, field, scale, label in (
+        (gain_axis, "gain", 100, "accuracy gain (points)"),
+        (kl_axis, "kl_reduction", 1, "held-out reverse-KL reduction (nats)"),
+    ):
+        means = [scale * row[field]["mean"] for row in at_main]
+        errors = [scale * (row[field]["std"] or 0.0) for row in at_main]
+        axis.bar(names, means, yerr=errors, capsize=4, color="tab:blue")
+        axis.axhline(0, color="gray", linewidth=0.8)
+        axis.set(ylabel=label, title=f"{label.split(' (')[0]} at ρ = {MAIN_RATIO:g} (± std over seeds)")
+        axis.tick_params(axis="x", labelsize=8)
+    ratios = [row["ratio"] for row in budget]
+    budget_axis.plot(ratios, [100 * row["gain"]["mean"] for row in budget], marker="o", color="tab:blue")
+    budget_axis.set(xscale="log", xlabel="ρ", title=f"{BUDGET_SELECTOR}: budget curve")
+    budget_axis.set_ylabel("accuracy gain (points)", color="tab:blue")
+    kl_twin = budget_axis.twinx()
+    kl_twin.plot(ratios, [row["kl_reduction"]["mean"] for row in budget], marker="s", color="tab:red")
+    kl_twin.set_ylabel("reverse-KL reduction (nats)", color="tab:red")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,306 @@
+"""`ta-opd prepare-data`: DAPO-Math-17k and GSM8K as verl parquet files for the recipes under recipes/.
+
+    ta-opd prepare-data dapo-math --source ~/downloads/dapo-math-17k.parquet --out ~/data/ta-opd/dapo-math
+    ta-opd prepare-data gsm8k --source ~/downloads/gsm8k --out ~/data/ta-opd/gsm8k
+    ta-opd prepare-data gsm8k --download --out ~/data/ta-opd/gsm8k      # needs network access
+
+``--source`` reads what a user downloaded: a ``.parquet`` or JSON Lines (``.jsonl``/``.json``) file, or a
+folder holding them (a dataset snapshot: GSM8K's ``main/train-*.parquet`` and ``main/test-*.parquet``,
+DAPO-Math's ``data/*.parquet``). ``--download`` fetches the dataset through the ``datasets`` library (a
+dependency of verl, so wherever verl is installed). Both need the same columns as the published datasets:
+DAPO-Math-17k rows already in verl's layout (``prompt``, ``reward_model.ground_truth``, ...), GSM8K rows
+``question`` and ``answer`` (a worked solution ending in ``#### <number>``).
+
+Output rows, in the columns verl's RL dataset reads (`ta_opd_verl.tiny.parquet` writes the same layout):
+``data_source`` (``math_dapo`` or ``openai/gsm8k``: the names verl's default reward function dispatches
+on), ``prompt`` (one user message), ``ability`` (``math``), ``reward_model`` (``{"style": "rule",
+"ground_truth": str}``) and ``extra_info`` (``{"split", "index", "source_id"}``, the same keys for both
+datasets, so their files can be mixed in one ``data.val_files`` list).
+
+Scoring: our GPU config sets no custom reward function, so verl's reward loop (the ``naive`` reward
+manager) calls ``verl.utils.reward_score.default_compute_score``, which scores ``math_dapo`` rows with
+``math_dapo.compute_score`` (the last ``Answer: ...`` line, Minerva-normalised, then a ``\\boxed{}``
+fallback; 1.0 or -1.0) and ``openai/gsm8k`` rows with ``gsm8k.compute_score`` (the last ``#### <number>``,
+strict; 1.0 or 0.0). TA-OPD trains on the teacher alone, so these scores only feed validation metrics.
+Every prepared row is checked with that same function on a reference answer (DAPO: ``Answer: <ground
+truth>``; GSM8K: the dataset's own worked solution): a row with an empty ground truth, or one verl would
+not score as correct, is dropped and counted.
+
+DAPO-Math-17k's published file repeats its prompts; rows are de-duplicated by prompt text (first kept)
+unless ``--keep-duplicates``. A seeded held-out slice of ``--val-size`` prompts becomes ``val.parquet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ta_opd_verl.tiny.parquet import COLUMNS
+
+ABILITY = "math"
+DATA_FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
+# verl's own GSM8K preprocessing appends this instruction; its strict scorer reads the "#### " line.
+GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
+GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
+DEFAULT_DAPO_VAL_SIZE = 512
+
+
+class DataPrepError(ValueError):
+    """The source cannot be read or does not have the dataset's columns."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: where `--download` fetches it, its verl data source, and its splits."""
+
+    hub_id: str
+    hub_config: str | None
+    data_source: str
+    # split name in the source -> output file stem
+    splits: dict[str, str]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "dapo-math": DatasetSpec(
+        hub_id="BytedTsinghua-SIA/DAPO-Math-17k",
+        hub_config=None,
+        data_source="math_dapo",
+        splits={"train": "train"},
+    ),
+    "gsm8k": DatasetSpec(
+        hub_id="openai/gsm8k",
+        hub_config="main",
+        data_source="openai/gsm8k",
+        splits={"train": "train", "test": "test"},
+    ),
+}
+
+
+def data_files(source: Path, split: str | None = None) -> list[Path]:
+    """The data files of ``source`` (a file, or a folder searched recursively), optionally only those
+    whose name starts with ``split`` (GSM8K's ``train-00000-of-00001.parquet``, ``test.jsonl``)."""
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise DataPrepError(f"{source}: no such file or folder")
+    files = sorted(
+        path
+        for path in source.rglob("*")
+        if path.is_file() and path.suffix in DATA_FILE_SUFFIXES and not path.name.startswith(".")
+    )
+    if split is not None:
+        files = [path for path in files if path.name.startswith(split)]
+    if not files:
+        wanted = f"{split}*" if split else "*"
+        raise DataPrepError(f"{source}: no {wanted} file ending in {', '.join(DATA_FILE_SUFFIXES)}")
+    return files
+
+
+def read_records(paths: Iterable[Path]) -> Iterator[dict]:
+    """Rows of parquet and JSON Lines files as dicts, streamed (DAPO's file is large)."""
+    for path in paths:
+        if path.suffix == ".parquet":
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+                yield from batch.to_pylist()
+        else:
+            with open(path) as lines:
+                for number, line in enumerate(lines, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except ValueError as error:
+                            raise DataPrepError(f"{path}:{number}: not a JSON line ({error})") from None
+
+
+def download_records(spec: DatasetSpec, split: str) -> Iterator[dict]:
+    """Rows of ``spec``'s ``split`` through the ``datasets`` library (network access needed)."""
+    # Only --download needs `datasets`, which is verl's dependency, not ours.
+    import datasets
+
+    yield from datasets.load_dataset(spec.hub_id, spec.hub_config, split=split)
+
+
+def _row(data_source: str, content: str, ground_truth: str, split: str, index: int, source_id: str) -> dict:
+    return {
+        "data_source": data_source,
+        "prompt": [{"role": "user", "content": content}],
+        "ability": ABILITY,
+        "reward_model": {"style": "rule", "ground_truth": ground_truth},
+        "extra_info": {"split": split, "index": index, "source_id": source_id},
+    }
+
+
+def _field(record: dict, key: str, number: int):
+    if key not in record:
+        raise DataPrepError(f"row {number} has no {key!r} column (columns: {sorted(record)})")
+    return record[key]
+
+
+def dapo_rows(records: Iterable[dict], *, deduplicate: bool = True) -> tuple[list[dict], int]:
+    """verl rows (split ``train``) from DAPO-Math-17k records; returns (rows, duplicates dropped)."""
+    rows, seen, duplicates = [], set(), 0
+    for number, record in enumerate(records):
+        messages = _field(record, "prompt", number)
+        if isinstance(messages, str) or not messages:
+            raise DataPrepError(f"row {number}: 'prompt' must be a non-empty list of chat messages")
+        content = "\n\n".join(str(message["content"]) for message in messages)
+        if deduplicate and content in seen:
+            duplicates += 1
+            continue
+        seen.add(content)
+        ground_truth = _field(record, "reward_model", number)["ground_truth"]
+        source_id = (record.get("extra_info") or {}).get("index", number)
+        rows.append(_row("math_dapo", content, str(ground_truth), "train", len(rows), str(source_id)))
+    return rows, duplicates
+
+
+def gsm8k_rows(records: Iterable[dict], split: str) -> list[dict]:
+    """verl rows from GSM8K records (``question``, ``answer``), as verl's own GSM8K example builds them.
+
+    Raises `DataPrepError` when an answer has no ``#### <number>`` line."""
+    rows = []
+    for number, record in enumerate(records):
+        question, answer = _field(record, "question", number), _field(record, "answer", number)
+        match = GSM8K_ANSWER.search(answer)
+        if match is None:
+            raise DataPrepError(f"{split} row {number}: the answer has no '#### <number>' line")
+        ground_truth = match.group(1).replace(",", "")
+        content = f"{question} {GSM8K_INSTRUCTION}"
+        rows.append(_row("openai/gsm8k", content, ground_truth, split, number, f"{split}-{number}"))
+    return rows
+
+
+def reference_answer(row: dict, record_answer: str | None = None) -> str:
+    """A response verl must score as correct for ``row``: GSM8K's worked solution when given, else the
+    DAPO answer line its prompt asks for."""
+    if record_answer is not None:
+        return record_answer
+    return f"Answer: {row['reward_model']['ground_truth']}"
+
+
+def scores_as_correct(row: dict, response: str) -> bool:
+    """Does verl's default reward function (the one its naive reward manager calls) accept ``response``?"""
+    # verl takes seconds to import (every verl plugin loads with it); --help and argument errors need none.
+    from verl.utils.reward_score import default_compute_score
+
+    result = default_compute_score(row["data_source"], response, row["reward_model"]["ground_truth"])
+    return bool(result["acc"]) if isinstance(result, dict) else result == 1.0
+
+
+def is_scorable(row: dict, reference: str) -> bool:
+    """A non-empty ground truth that verl scores ``reference`` as matching. (An empty ground truth passes
+    verl's DAPO check against an empty "Answer:" line, so it is refused here first.)"""
+    return bool(row["reward_model"]["ground_truth"].strip()) and scores_as_correct(row, reference)
+
+
+def keep_scorable(rows: list[dict], references: list[str]) -> tuple[list[dict], int]:
+    """The rows `is_scorable` accepts with their reference answers (renumbered); and how many were dropped."""
+    kept = [row for row, reference in zip(rows, references, strict=True) if is_scorable(row, reference)]
+    for index, row in enumerate(kept):
+        row["extra_info"]["index"] = index
+    return kept, len(rows) - len(kept)
+
+
+def hold_out(rows: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split ``rows`` into (train, val) with ``size`` rows drawn with ``seed`` for val; both renumbered."""
+    if not 0 <= size < len(rows):
+        raise DataPrepError(f"--val-size {size} must be in [0, {len(rows)}) for {len(rows)} rows")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    val_ids = set(order[:size])
+    train = [row for i, row in enumerate(rows) if i not in val_ids]
+    val = [row for i, row in enumerate(rows) if i in val_ids]
+    for split, part in (("train", train), ("val", val)):
+        for index, row in enumerate(part):
+            row["extra_info"].update(split=split, index=index)
+    return train, val
+
+
+def write_rows(path: str | os.PathLike, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_parquet(path, index=False)
+    return path
+
+
+def prepare(
+    name: str,
+    out_dir: str | os.PathLike,
+    *,
+    source: str | os.PathLike | None = None,
+    val_size: int = DEFAULT_DAPO_VAL_SIZE,
+    seed: int = 0,
+    deduplicate: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """Write ``name``'s verl parquet files into ``out_dir`` from ``source`` (None: download); returns
+    {split: path}. DAPO-Math gives train (and val when ``val_size`` > 0), GSM8K train and test."""
+    spec = DATASETS[name]
+    out_dir = Path(out_dir).expanduser()
+
+    def records(split: str) -> Iterator[dict]:
+        if source is None:
+            return download_records(spec, split)
+        paths = data_files(Path(source).expanduser(), None if name == "dapo-math" else split)
+        return read_records(paths)
+
+    written: dict[str, Path] = {}
+    if name == "dapo-math":
+        rows, duplicates = dapo_rows(records("train"), deduplicate=deduplicate)
+        rows, unscorable = keep_scorable(rows, [reference_answer(row) for row in rows])
+        log(f"dapo-math: {len(rows)} prompts ({duplicates} duplicates and {unscorable} unscorable dropped)")
+        parts = dict(zip(("train", "val"), hold_out(rows, val_size, seed), strict=True))
+        for split, part in parts.items():
+            if part:
+                written[split] = write_rows(out_dir / f"{split}.parquet", part)
+    else:
+        for split, stem in spec.splits.items():
+            source_records = list(records(split))
+            rows = gsm8k_rows(source_records, split)
+            rows, unscorable = keep_scorable(rows, [record["answer"] for record in source_records])
+            log(f"gsm8k {split}: {len(rows)} problems ({unscorable} unscorable dropped)")
+            written[split] = write_rows(out_dir / f"{stem}.parquet", rows)
+    for split, path in written.items():
+        log(f"  {split}: {path}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ta-opd prepare-data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("--out", required=True, help="output folder for the parquet files")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--source", help="a downloaded .parquet/.jsonl file, or a folder of them")
+    where.add_argument("--download", action="store_true", help="fetch through the `datasets` library")
+    parser.add_argument(
+        "--val-size",
+        type=int,
+        default=DEFAULT_DAPO_VAL_SIZE,
+        help=f"dapo-math: held-out prompts written to val.parquet (default {DEFAULT_DAPO_VAL_SIZE}; 0: none)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="dapo-math: seed of the held-out draw")
+    parser.add_argument("--keep-duplicates", action="store_true", help="dapo-math: keep repeated prompts")
+    args = parser.parse_args(argv)
+    try:
+        prepare(
+            args.dataset,
+            args.out,
+            source=None if args.download else args.source,
+            val_size=args.val_size,
+            seed=args.seed,
+            deduplicate=not args.keep_duplicates,
+        )
+    except DataPrepError as error:
+        print(f"ta-opd prepare-data: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,95 @@
+"""The teacher interface: everything the choice ``distillation.distillation_loss.ta_opd.teacher`` touches.
+
+A teacher is chosen once (`ta_opd_verl.teachers.resolve_teacher`) and asked, at each stage of a run:
+- before Ray starts (`ta_opd_verl.checks`): which model folders it reads (`model_paths`, `vllm_model_paths`)
+  and what it refuses (`check_config`);
+- in the driver before verl reads the config (`prepare_config`) and before verl builds its workers
+  (`install`);
+- in the actor's workers, inside the scoring forward: the per-token outputs of one micro-batch
+  (`score_micro_batch`), given the student's logits;
+- in the driver after the scoring forward: what to store for the selection and the update
+  (`after_scoring`, `score_fields`) and which fields the update must not receive (`update_leaves_out`).
+
+Instances hold no model: they are pickled to every worker inside the loss callable.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from omegaconf import DictConfig
+
+from ta_opd_verl.protocol import COMPATIBILITY_FIELD, DISAGREEMENT_FIELD, TOPK_ENTROPY_FIELD
+from ta_opd_verl.teachability import TokenStatistics
+
+TA_OPD_KEY = "distillation.distillation_loss.ta_opd"
+TEACHER_KEY = f"{TA_OPD_KEY}.teacher"
+TEACHER_PATH_KEY = f"{TA_OPD_KEY}.teacher_path"
+STUDENT_PATH_KEY = "actor_rollout_ref.model.path"
+
+
+class Teacher(ABC):
+    name: str
+    # Whether the teacher's full logits sit next to the student's (exact C, no teacher pool).
+    colocated: bool
+
+    @classmethod
+    def from_config(cls, config: DictConfig) -> Teacher:
+        """The teacher for a composed verl config."""
+        return cls()
+
+    # ---- before Ray starts -----------------------------------------------------------------------------
+    @abstractmethod
+    def model_paths(self, config: DictConfig) -> dict[str, str | None]:
+        """Config key -> model folder, for every teacher model this run loads."""
+
+    def vllm_model_paths(self, config: DictConfig) -> dict[str, str | None]:
+        """The subset of `model_paths` that vLLM serves (the CPU runtime checks their head size)."""
+        return {}
+
+    @abstractmethod
+    def check_config(self, config: DictConfig, loss_config) -> None:
+        """Raise `ta_opd_verl.config.TAOPDConfigError` for what this teacher cannot run (``loss_config``:
+        the built ``distillation_loss`` dataclass)."""
+
+    # ---- driver ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare_config(self, config: DictConfig) -> None:
+        """Adjust the config TA-OPD's trainer shares with verl, before verl reads it."""
+
+    @abstractmethod
+    def install(self) -> None:
+        """Hook into verl in the driver process before verl builds its workers and servers."""
+
+    def score_fields(self, settings, topk: int) -> list[str]:
+        """Per-token fields the scoring forward returns beyond D, C and the top-k entropy."""
+        return []
+
+    def after_scoring(self, batch, topk: int):
+        """Store what the selection and the update read; returns the batch meta."""
+        return batch
+
+    def update_leaves_out(self, topk: int) -> list[str]:
+        """Fields of the batch the update must not receive."""
+        return []
+
+    # ---- actor workers ---------------------------------------------------------------------------------
+    @abstractmethod
+    def score_micro_batch(self, loss_fn, student_logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
+        """The scoring forward's per-token outputs for one micro-batch, each ``(1, nnz)``."""
+
+
+def statistics_outputs(stats: TokenStatistics, entropy_mode: str) -> dict[str, torch.Tensor]:
+    """D and C (and with ``entropy_mode=topk`` the top-k entropy) as the scoring forward returns them; the
+    full-vocabulary H is verl's own ``entropy`` output of the same forward."""
+    outputs = {DISAGREEMENT_FIELD: stats.disagreement, COMPATIBILITY_FIELD: stats.compatibility}
+    if entropy_mode == "topk":
+        outputs[TOPK_ENTROPY_FIELD] = stats.entropy
+    return outputs
+
+
+def skipped_entropy(entropy_mode: str, like: torch.Tensor) -> torch.Tensor | None:
+    """`token_statistics`' ``student_entropy`` argument: with the full-vocabulary H, verl's own entropy
+    output of this forward is H, so a placeholder skips a second pass over the vocabulary."""
+    return None if entropy_mode == "topk" else torch.zeros(like.shape[:-1], device=like.device)

@@ -1,0 +1,173 @@
+"""Every recipe under recipes/ checked without a GPU: its printed trainer arguments are composed with Hydra
+against our conf/ and built into verl's config classes the way verl builds them (``validate_config`` as
+``main_ppo`` does before Ray starts; ``omega_conf_to_dataclass`` on the actor, rollout and distillation
+nodes as its workers do), plus TA-OPD's own config checks. A key verl renamed, or a value a
+``__post_init__`` rejects, fails here. Model folders are not needed: the checks that read them (the
+pre-flight model-path and vocabulary check) run only when a real run starts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+
+from ta_opd_verl.checks import check_ta_opd_config
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = REPO / "recipes"
+PAIR_RECIPES = sorted(
+    path
+    for path in RECIPES.glob("*.sh")
+    if path.name not in ("common.sh", "sweep.sh") and "single-gpu" not in path.name
+)
+SINGLE_GPU_RECIPE = RECIPES / "single-gpu-qwen3-4b-to-qwen3-1.7b.sh"
+SHELL_SCRIPTS = sorted(
+    [*RECIPES.glob("*.sh"), *RECIPES.glob("multinode/*.sh"), RECIPES / "multinode" / "slurm.sbatch"]
+)
+
+
+# verl's need_critic warns that GRPO runs without a critic: TA-OPD never uses one.
+pytestmark = pytest.mark.filterwarnings("ignore:Disabled critic")
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: path.name)
+def test_shell_script_parses_and_passes_shellcheck_when_installed(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stdout
+
+
+def print_arguments(recipe: Path, *extra: str, **env: str) -> list[str]:
+    """The arguments the recipe would give ``python3`` (recipes/common.sh's print mode)."""
+    result = subprocess.run(
+        ["bash", str(recipe), *extra],
+        env={**os.environ, **env, "TA_OPD_PRINT_OVERRIDES": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def compose_arguments(arguments: list[str]):
+    """Compose ``-m verl.trainer.main_ppo --config-path P --config-name N <overrides>`` like main_ppo."""
+    assert arguments[:2] == ["-m", "verl.trainer.main_ppo"], arguments[:2]
+    assert arguments[2] == "--config-path" and arguments[4] == "--config-name", arguments[:6]
+    config_path, config_name, overrides = arguments[3], arguments[5], arguments[6:]
+    with initialize_config_dir(config_dir=config_path, version_base=None):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def build_like_verl(config) -> dict:
+    """What verl does with the config before and while starting its workers, file checks excepted."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    validate_config(
+        config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
+    )
+    built = {
+        "actor": omega_conf_to_dataclass(config.actor_rollout_ref.actor),
+        "rollout": omega_conf_to_dataclass(config.actor_rollout_ref.rollout),
+        "distillation": omega_conf_to_dataclass(config.distillation),
+    }
+    check_ta_opd_config(config)
+    # verl's engine worker asserts this when it builds the rollout (workers/engine_workers.py).
+    trainer_gpus = config.trainer.n_gpus_per_node * config.trainer.nnodes
+    assert trainer_gpus % built["rollout"].tensor_model_parallel_size == 0
+    return built
+
+
+@pytest.mark.parametrize("recipe", PAIR_RECIPES, ids=lambda path: path.stem)
+def test_recipe_builds_into_verls_config_classes(recipe):
+    config = compose_arguments(print_arguments(recipe))
+    built = build_like_verl(config)
+    loss = built["distillation"].distillation_loss
+    # The paper's settings (arXiv 2605.26844), as the recipes promise.
+    assert (loss.ta_opd.k, loss.ta_opd.ratio, loss.ta_opd.selector) == (16, 0.10, "teachability")
+    assert (loss.clip_ratio_low, loss.clip_ratio_high, loss.use_policy_gradient) == (0.2, 0.28, True)
+    assert built["actor"].optim.lr == 1e-6 and built["rollout"].temperature == 1.0
+    assert config.data.train_files.endswith("dapo-math/train.parquet")
+    teacher = built["distillation"].teacher_models["default"]
+    assert teacher.world_size == config.distillation.n_gpus_per_node * config.distillation.nnodes
+
+
+def test_recipe_names_its_pair_and_trailing_overrides_win():
+    recipe = RECIPES / "r1-distill-qwen-14b-to-qwen2.5-3b.sh"
+    config = compose_arguments(print_arguments(recipe, "trainer.total_training_steps=7", MODEL_DIR="/models"))
+    assert config.actor_rollout_ref.model.path == "/models/Qwen2.5-3B"
+    assert (
+        config.distillation.teacher_models.teacher_model.model_path == "/models/DeepSeek-R1-Distill-Qwen-14B"
+    )
+    assert config.trainer.total_training_steps == 7
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RATIO": "1.5"}, r"ta_opd\.ratio must be a number in \(0, 1\]"),
+        ({"SELECTOR": "teachabilty"}, r"ta_opd\.selector must be one of"),
+        ({"K": "64"}, r"ta_opd\.k \(64\) must be <="),
+        ({"TEACHER_TP": "3"}, "must divide the distillation resource pool"),
+    ],
+)
+def test_a_value_verl_or_ta_opd_rejects_fails_the_check(env, message):
+    arguments = print_arguments(PAIR_RECIPES[0], **env)
+    with pytest.raises(Exception, match=message):
+        build_like_verl(compose_arguments(arguments))
+
+
+def test_a_renamed_key_fails_the_check(tmp_path):
+    """A temp copy of a recipe whose shared file uses a key verl does not have."""
+    shutil.copytree(RECIPES, tmp_path / "recipes")
+    common = tmp_path / "recipes" / "common.sh"
+    text = common.read_text()
+    assert "actor_rollout_ref.rollout.temperature=" in text
+    common.write_text(
+        text.replace("actor_rollout_ref.rollout.temperature=", "actor_rollout_ref.rollout.temp=")
+    )
+    arguments = print_arguments(tmp_path / "recipes" / PAIR_RECIPES[0].name, CONF=str(REPO / "conf"))
+    with pytest.raises(HydraException, match="actor_rollout_ref.rollout.temp"):
+        compose_arguments(arguments)
+
+
+def test_single_gpu_recipe_builds_with_the_colocated_teacher_but_does_not_launch_yet():
+    result = subprocess.run(["bash", str(SINGLE_GPU_RECIPE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3 and "not yet runnable" in result.stderr
+    config = compose_arguments(print_arguments(SINGLE_GPU_RECIPE, MODEL_DIR="/models"))
+    loss = build_like_verl(config)["distillation"].distillation_loss
+    assert (loss.ta_opd.teacher, loss.ta_opd.teacher_path) == ("fsdp", "/models/Qwen3-4B")
+    assert loss.ta_opd.compatibility == "exact"
+
+
+def test_sweep_dry_run_lists_every_cell_and_each_builds(tmp_path):
+    result = subprocess.run(
+        ["bash", str(RECIPES / "sweep.sh"), "--dry-run", "--", "trainer.total_training_steps=3"],
+        env={**os.environ, "SELECTORS": "teachability entropy", "RATIOS": "0.01 0.20", "SEEDS": "0 1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.splitlines()
+    # 2 selectors x 2 budgets x 2 seeds, plus `full` once per seed.
+    assert len(commands) == 2 * 2 * 2 + 2
+    assert sum("SELECTOR=full" in command for command in commands) == 2
+    cell = next(command for command in commands if "SELECTOR=entropy RATIO=0.20 SEED=1" in command)
+    assert cell.split()[-1] == "trainer.total_training_steps=3"
+    config = compose_arguments(
+        print_arguments(
+            PAIR_RECIPES[0], "trainer.total_training_steps=3", SELECTOR="entropy", RATIO="0.20", SEED="1"
+        )
+    )
+    loss = build_like_verl(config)["distillation"].distillation_loss
+    assert (loss.ta_opd.selector, loss.ta_opd.ratio, loss.ta_opd.seed) == ("entropy", 0.2, 1)
+    assert config.trainer.experiment_name.endswith("entropy-r0.20-seed1")

@@ -1,0 +1,102 @@
+"""TA-OPD's trainer on the driver, without Ray: `TAOPDTrainer._select` against an in-memory TransferQueue.
+It must select over all real rows of the batch (never batch balancing's padding rows), write exactly that
+selection as the update's ``loss_mask``, dump it, and report the step's metrics. (Through verl's real
+trainer: tests/e2e/.)"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+from transfer_queue import KVBatchMeta
+from verl_fixtures import InMemoryTransferQueue, nested
+
+from ta_opd_verl.batch_selection import load_selection_dump, select_rollout_batch, stable_sample_ids
+from ta_opd_verl.config import TAOPDConfig
+from ta_opd_verl.protocol import COMPATIBILITY_FIELD, DISAGREEMENT_FIELD
+from ta_opd_verl.teachability import TokenStatistics
+from ta_opd_verl.teachers import ServerTeacher
+from ta_opd_verl.trainer import TAOPDTrainer
+
+TOPK = 4
+PROMPTS, RESPONSES = (3, 2, 4, 1), (6, 4, 5, 3)
+KEYS = ["u7_0_0", "u7_0_1", "u9_0_0", "pad_0_0"]
+TAGS = [{}, {}, {}, {"is_padding": True}]
+
+
+def _batch_fields(generator: torch.Generator) -> dict:
+    fields = {
+        "prompts": [],
+        "responses": [],
+        "response_mask": [],
+        DISAGREEMENT_FIELD: [],
+        COMPATIBILITY_FIELD: [],
+    }
+    fields |= {"entropy": [], "old_log_probs": [], "teacher_ids": [], "teacher_logprobs": []}
+    for row, (p, r) in enumerate(zip(PROMPTS, RESPONSES, strict=True)):
+        fields["prompts"].append(torch.randint(0, 50, (p,), generator=generator))
+        fields["responses"].append(torch.randint(0, 50, (r,), generator=generator))
+        fields["response_mask"].append(torch.ones(r, dtype=torch.int64))
+        # The padding row scores highest everywhere: selected unless the trainer leaves it out.
+        boost = 100.0 if TAGS[row] else 0.0
+        fields[DISAGREEMENT_FIELD].append(torch.rand(r, generator=generator) + boost)
+        fields[COMPATIBILITY_FIELD].append(torch.rand(r, generator=generator) + boost)
+        fields["entropy"].append(torch.rand(r, generator=generator))
+        fields["old_log_probs"].append(-torch.rand(r, generator=generator))
+        ids = torch.randint(0, 50, (p + r, TOPK + 1), generator=generator)
+        fields["teacher_ids"].append(ids)
+        fields["teacher_logprobs"].append(-torch.rand(p + r, TOPK + 1, generator=generator) * 3)
+    return {name: nested(rows) for name, rows in fields.items()}
+
+
+def _trainer(tmp_path, ratio: float) -> TAOPDTrainer:
+    trainer = object.__new__(TAOPDTrainer)
+    trainer.teacher = ServerTeacher()
+    trainer.ta_opd = TAOPDConfig(ratio=ratio, k=TOPK, selection_dump_dir=str(tmp_path / "dump"))
+    trainer.loss_config = SimpleNamespace(topk=TOPK)
+    trainer.global_steps = 3
+    return trainer
+
+
+def test_the_update_gets_the_global_selection_over_real_rows_only(tmp_path, monkeypatch):
+    queue = InMemoryTransferQueue(_batch_fields(torch.Generator().manual_seed(0))).install(monkeypatch)
+    fields = dict(queue.fields)
+    trainer, metrics = _trainer(tmp_path, ratio=0.25), {}
+    trainer._select(KVBatchMeta(keys=KEYS, tags=TAGS, partition_id="train"), metrics)
+
+    written = queue.fields["loss_mask"].to_padded_tensor(0).bool()
+    valid = fields["response_mask"].to_padded_tensor(0).bool()
+    valid[3] = False
+    stats = TokenStatistics(
+        *(fields[name].to_padded_tensor(0.0) for name in (DISAGREEMENT_FIELD, COMPATIBILITY_FIELD, "entropy"))
+    )
+    sample_ids = stable_sample_ids(["0_0", "0_1", "0_0", "0_0"], [row.tolist() for row in fields["prompts"]])
+    expected, _ = select_rollout_batch(
+        stats, valid, sample_ids, selector="teachability", ratio=0.25, min_keep_per_sample=0,
+        q_low=0.05, q_high=0.95, seed=0, global_step=3,
+    )  # fmt: skip
+    assert torch.equal(written, expected)
+    assert not written[3].any(), "batch balancing's padding row was selected"
+    n_valid = sum(RESPONSES[:3])
+    assert int(written.sum()) == math.ceil(0.25 * n_valid) == metrics["actor/ta_opd/kept_positions"]
+    assert metrics["actor/ta_opd/valid_positions"] == n_valid
+
+    (records,) = load_selection_dump(tmp_path / "dump").values()
+    dumped = {record["sample_id"]: record["selected"] for record in records}
+    assert dumped == {sample_ids[row]: written[row].nonzero().flatten().tolist() for row in range(3)}
+
+
+def test_the_sampled_token_outside_the_teachers_top_k_is_counted(tmp_path, monkeypatch):
+    fields = _batch_fields(torch.Generator().manual_seed(1))
+    queue = InMemoryTransferQueue(fields).install(monkeypatch)
+    trainer, metrics = _trainer(tmp_path, ratio=0.5), {}
+    trainer._select(KVBatchMeta(keys=KEYS, tags=TAGS, partition_id="train"), metrics)
+    outside, total = 0, 0
+    for row in range(3):
+        p, r = PROMPTS[row], RESPONSES[row]
+        rows = queue.fields["teacher_ids"][row][p - 1 : p + r - 1]
+        outside += int((~(rows[:, :TOPK] == rows[:, TOPK:]).any(-1)).sum())
+        total += r
+    assert metrics["actor/ta_opd/sampled_outside_teacher_topk"] == outside / total
+    assert metrics["actor/ta_opd/teacher_is_fsdp"] == 0.0
