@@ -9,23 +9,32 @@ teacher refuses, that teacher says (`ta_opd_verl.teachers`).
 from __future__ import annotations
 
 import sys
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
 
 from ta_opd_verl.config import TAOPDConfigError, TAOPDDistillationLossConfig
 from ta_opd_verl.plugin_loading import require_plugin
 from ta_opd_verl.teachers import resolve_teacher
 from ta_opd_verl.teachers.base import STUDENT_PATH_KEY
 from ta_opd_verl.verl_fence.config import omega_conf_to_dataclass
-from ta_opd_verl.vocab import VocabularyMismatchError, check_same_vocabulary
+from ta_opd_verl.vocab import VocabularyMismatchError, check_embedding_matches_config, check_same_vocabulary
 
 __all__ = ["PreflightCallback", "TAOPDConfigError", "check_model_paths", "check_ta_opd_config"]
 
 SUPPORTED_STRATEGIES = ("fsdp", "fsdp2")
 LOSS_MODE_KEY = "distillation.distillation_loss.loss_mode"
+TRAINER_MODE_KEY = "trainer.v1.trainer_mode"
+ROLLOUT_N_KEY = "actor_rollout_ref.rollout.n"
+DUMP_KEY = "distillation.distillation_loss.ta_opd.selection_dump_dir"
+DATA_FILE_KEYS = ("data.train_files", "data.val_files")
 
 
 def _select(config: DictConfig, key: str, default=None):
@@ -58,8 +67,32 @@ def check_ta_opd_config(config: DictConfig) -> None:
             "actor_rollout_ref.model.use_fused_kernels=True never materialises the logits TA-OPD scores; "
             "set it to False"
         )
+    trainer_mode = _select(config, TRAINER_MODE_KEY)
+    if trainer_mode != "ta_opd":
+        raise TAOPDConfigError(
+            f"{TRAINER_MODE_KEY}={trainer_mode!r}: {LOSS_MODE_KEY}=ta_opd runs only with TA-OPD's trainer; "
+            "accepted: ta_opd (conf/ta_opd_trainer.yaml and conf/ta_opd_cpu.yaml set it)"
+        )
+    rollouts = _select(config, ROLLOUT_N_KEY, 1)
+    if not (isinstance(rollouts, int) and rollouts >= 1):
+        raise TAOPDConfigError(f"{ROLLOUT_N_KEY}={rollouts!r}: samples per prompt must be an integer >= 1")
     loss_config = _build_loss_config(config)
     resolve_teacher(config).check_config(config, loss_config)
+    _check_dump_folder(loss_config.ta_opd.selection_dump_dir)
+
+
+def _check_dump_folder(folder: str | None) -> None:
+    """The selection dump's folder can be created and written (the trainer writes it after every step)."""
+    if not folder:
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise TAOPDConfigError(
+            f"{DUMP_KEY}={folder!r} cannot be written ({error.strerror}): a writable folder is accepted"
+        ) from None
 
 
 def _build_loss_config(config: DictConfig) -> TAOPDDistillationLossConfig:
@@ -91,11 +124,74 @@ def check_model_paths(config: DictConfig) -> None:
                 "(this check needs local folders; download hub models first)"
             )
     for key, path in paths.items():
-        if key != STUDENT_PATH_KEY:
-            try:
+        try:
+            check_embedding_matches_config(path)
+            if key != STUDENT_PATH_KEY:
                 check_same_vocabulary(student, path)
-            except VocabularyMismatchError as error:
-                raise VocabularyMismatchError(f"{key}: {error}") from None
+        except VocabularyMismatchError as error:
+            raise VocabularyMismatchError(f"{key}: {error}") from None
+
+
+def _data_files(config: DictConfig, key: str) -> list[str]:
+    files = _select(config, key)
+    return [files] if isinstance(files, str) else [str(path) for path in files or []]
+
+
+def check_data_files(config: DictConfig) -> list[str]:
+    """verl's data files exist, are parquet with the prompt column and rows, and not every prompt is longer
+    than ``data.max_prompt_length`` under the student's chat template (verl's own length filter would then
+    leave nothing). Returns one note per file whose prompts that filter will drop."""
+    prompt_key = _select(config, "data.prompt_key", "prompt")
+    max_length = _select(config, "data.max_prompt_length", 1024)
+    filtering = _select(config, "data.filter_overlong_prompts", True)
+    template_kwargs = _select(config, "data.apply_chat_template_kwargs")
+    template_kwargs = OmegaConf.to_container(template_kwargs) if template_kwargs else {}
+    tokenizer, notes = None, []
+    for key in DATA_FILE_KEYS:
+        for path in _data_files(config, key):
+            prompts = _prompts(key, path, prompt_key)
+            if not filtering:
+                continue
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(_select(config, STUDENT_PATH_KEY))
+            lengths = [_prompt_length(tokenizer, messages, template_kwargs) for messages in prompts]
+            dropped = sum(length > max_length for length in lengths)
+            if dropped == len(lengths):
+                raise TAOPDConfigError(
+                    f"{key}: every prompt of {path} ({len(lengths)}) is longer than data.max_prompt_length="
+                    f"{max_length} tokens under the student's chat template (the shortest has "
+                    f"{min(lengths)}); raise data.max_prompt_length"
+                )
+            if dropped:
+                notes.append(
+                    f"{key}: {dropped} of {len(lengths)} prompts of {path} are longer than "
+                    f"data.max_prompt_length={max_length} tokens; verl's length filter drops them"
+                )
+    return notes
+
+
+def _prompts(key: str, path: str, prompt_key: str) -> list:
+    if not Path(path).is_file():
+        raise TAOPDConfigError(f"{key}: {path!r} does not exist; a parquet file is accepted")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise TAOPDConfigError(f"{key}: {path} is not a readable parquet file ({error})") from None
+    if prompt_key not in table.column_names:
+        raise TAOPDConfigError(
+            f"{key}: {path} has no column {prompt_key!r} (data.prompt_key); its columns: "
+            f"{', '.join(table.column_names)}"
+        )
+    if table.num_rows == 0:
+        raise TAOPDConfigError(f"{key}: {path} has no rows")
+    return table.column(prompt_key).to_pylist()
+
+
+def _prompt_length(tokenizer, messages, template_kwargs: dict) -> int:
+    """The prompt's token count as verl's dataset filter counts it (chat template, generation prompt)."""
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, **template_kwargs
+    )
+    return len(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
 
 def refuse_before_start(check, config: DictConfig) -> None:
@@ -116,10 +212,12 @@ def task_config(config: DictConfig) -> DictConfig:
 
 
 def _preflight(config: DictConfig) -> None:
-    if _select(config, "trainer.v1.trainer_mode") == "ta_opd":
+    if _select(config, "trainer.v1.trainer_mode") == "ta_opd" or _select(config, LOSS_MODE_KEY) == "ta_opd":
         check_ta_opd_config(config)
     if _select(config, "distillation.enabled", False):
         check_model_paths(config)
+        for note in check_data_files(config):
+            print(f"ta-opd: {note}", file=sys.stderr, flush=True)
 
 
 class PreflightCallback(Callback):

@@ -30,6 +30,9 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
+# The input embedding's parameter name in Hugging Face causal-LM checkpoints (Qwen2/3, Llama, ...).
+EMBEDDING_SUFFIX = "embed_tokens.weight"
+
 
 class VocabularyMismatchError(ValueError):
     """The student and teacher do not share a vocabulary (see the module docstring for the rule)."""
@@ -155,3 +158,36 @@ def check_same_vocabulary(
     differing id with its two tokens.
     """
     return compare_vocabularies(load_vocabulary(student_path), load_vocabulary(teacher_path))
+
+
+def embedding_rows_in_weights(model_path: str | os.PathLike) -> int | None:
+    """Rows of the input embedding (``*embed_tokens.weight``) in a folder's safetensors weights, read from
+    the file headers without loading a tensor; None where the folder has no safetensors weights."""
+    path = Path(model_path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(
+            {path / shard for name, shard in weight_map.items() if name.endswith(EMBEDDING_SUFFIX)}
+        )
+    else:
+        shards = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+    for shard in shards:
+        with open(shard, "rb") as weights:
+            header_length = int.from_bytes(weights.read(8), "little")
+            header = json.loads(weights.read(header_length))
+        for name, entry in header.items():
+            if name.endswith(EMBEDDING_SUFFIX):
+                return int(entry["shape"][0])
+    return None
+
+
+def check_embedding_matches_config(model_path: str | os.PathLike) -> None:
+    """config.json's ``vocab_size`` is the embedding the weights hold (a mismatch fails only when the
+    model is loaded, in a worker)."""
+    configured, stored = _config_vocab_size(Path(model_path)), embedding_rows_in_weights(model_path)
+    if configured is not None and stored is not None and configured != stored:
+        raise VocabularyMismatchError(
+            f"{model_path}: config.json says vocab_size={configured} but the weights' embedding has {stored} "
+            "rows; set vocab_size to the weights' row count"
+        )

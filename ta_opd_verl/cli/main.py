@@ -33,6 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# The shell's status for a command stopped by SIGINT (128 + 2).
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ta-opd", description=__doc__)
@@ -46,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     args, rest = parser.parse_known_args(argv[:1])
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.main(argv[1:]) or 0)
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except KeyboardInterrupt:
+        # The subcommands stop what they started on the way out (`cli.train.supervise`); the traceback
+        # would only say where Ctrl-C landed.
+        print(f"\nta-opd {args.command}: interrupted", file=sys.stderr, flush=True)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """`ta-opd train`: run verl's real trainer (``python -m verl.trainer.main_ppo``) with one of our configs.
 
-On a CPU machine (``--cpu``, the default when no CUDA device is visible) it sets the CPU runtime's
-environment, builds (or reuses) the tiny teacher/student pair, points the config at it, and streams a short
-progress line per step (step, ETA, validation accuracy) while verl's full log goes to a file. Everything
-after ``--`` is passed to verl as Hydra overrides.
+By default it runs on the CPU: it sets the CPU runtime's environment, builds (or reuses) the tiny
+teacher/student pair and points the config at it (``--gpu`` does neither: give the model and data paths as
+overrides). It streams a short progress line per step (step, ETA, validation accuracy) while verl's full
+log goes to a file, and on a failure prints what stopped verl. Everything after ``--`` is passed to verl as
+Hydra overrides.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +92,9 @@ def cpu_environment() -> dict[str, str]:
     env.setdefault("WANDB_MODE", "disabled")
     env.setdefault("HYDRA_FULL_ERROR", "1")
     env.setdefault("RAY_DEDUP_LOGS", "1")
+    # TransferQueue asks for 8 threads per call and, on a smaller machine, warns on every call before it
+    # clamps to the physical cores: ask for those.
+    env.setdefault("TQ_NUM_THREADS", str(psutil.cpu_count(logical=False) or 1))
     return env
 
 
@@ -99,6 +104,42 @@ def validation_accuracy(data: dict) -> float | None:
         if key.startswith(VAL_ACCURACY_PREFIX) and "/acc/" in key:
             return float(value)
     return None
+
+
+# The pre-flight checks' own line, and the last line of a Python traceback (Ray prefixes a worker's lines
+# with "(ActorName pid=N)").
+_REFUSAL = re.compile(r"ta-opd: configuration refused before start-up: .*")
+_EXCEPTION = re.compile(
+    r"^(?:\([^)]*pid=\d+[^)]*\)\s*)?((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)\w*: .+)$"
+)
+
+
+def failure_reason(log: str) -> str | None:
+    """What stopped a verl run, from its log: the pre-flight refusal if there is one (it names the key),
+    else the last exception line."""
+    refusal = _REFUSAL.search(log)
+    if refusal:
+        return refusal.group(0)
+    exceptions = [match.group(1) for match in map(_EXCEPTION.match, log.splitlines()) if match]
+    return exceptions[-1] if exceptions else None
+
+
+LOGGER_KEY = "trainer.logger"
+TENSORBOARD_FOLDER = "tensorboard"
+
+
+def keep_file_logger(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``overrides`` with verl's ``file`` logger added to any ``trainer.logger`` they set (the step lines
+    and ``metrics.jsonl`` read it), and the loggers such an override names (empty when none does)."""
+    kept, loggers = [], []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") == LOGGER_KEY:
+            loggers = [name.strip(" '\"") for name in value.strip("[] ").split(",") if name.strip(" '\"")]
+            if "file" not in loggers:
+                override = f"{key}=[{','.join([*loggers, 'file'])}]"
+        kept.append(override)
+    return kept, loggers
 
 
 def run_verl(
@@ -118,6 +159,12 @@ def run_verl(
     metrics_path.unlink(missing_ok=True)
     env = cpu_environment() if cpu else dict(os.environ)
     env["VERL_FILE_LOGGER_PATH"] = str(metrics_path)
+    env.setdefault("TENSORBOARD_DIR", str(out_dir / TENSORBOARD_FOLDER))
+    overrides, loggers = keep_file_logger(overrides)
+    if progress:
+        print(f"[ta-opd] metrics: {metrics_path}; verl's log: {out_dir / LOG_FILE}", flush=True)
+        if "tensorboard" in loggers:
+            print(f"[ta-opd] TensorBoard: {env['TENSORBOARD_DIR']}", flush=True)
     command = [
         sys.executable,
         "-m",
@@ -131,6 +178,9 @@ def run_verl(
         *overrides,
     ]
     result = supervise(command, out_dir, env, timeout=timeout, progress=progress)
+    if progress and result.returncode != 0:
+        reason = failure_reason(result.log_path.read_text(errors="replace"))
+        print(f"[ta-opd] verl failed: {reason or 'no error message in the log'}", flush=True)
     if progress:
         print(
             f"[ta-opd] verl exited with {result.returncode} after {result.wall_seconds:.0f}s, peak memory "
@@ -199,15 +249,70 @@ class _MemoryWatch:
         self.peak_gib = max(self.peak_gib, (self._used() - self._baseline) / 2**30)
 
 
+# Ray prefixes every line of an actor's output with "(ActorClass pid=N)": the first line of each actor class
+# marks its start. The classes of a TA-OPD run, in words; any other class is named as it is.
+_ACTOR_LINE = re.compile(r"\((\w+) pid=\d+\)")
+_ACTOR_PHASES = {
+    "TaskRunnerV1": "verl's task runner started: building the workers",
+    "WorkerDict": "actor workers started (FSDP2)",
+    "TeacherServerKeepingSampledToken": "teacher server starting (vLLM)",
+    "vLLMHttpServer": "student rollout server starting (vLLM)",
+    "AgentLoopWorkerTQ": "rollout agent loop started",
+    "RewardLoopWorker": "reward workers started",
+}
+_SKIPPED_ACTORS = {
+    "CheckpointEngineWorker",
+    "GlobalRequestLoadBalancer",
+    "SimpleStorageUnit",
+    "DashboardAgent",
+}
+_LOG_PHASES = {
+    "Started a local Ray instance": "Ray started",
+    "Training Progress:": "training loop started (validation first when trainer.val_before_train)",
+}
+
+
+class StartupPhases:
+    """Start-up phases read from verl's log as it grows, each reported once."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def feed(self, text: str) -> list[str]:
+        """The phases that ``text`` (new log lines) starts, in order."""
+        phases = []
+        for line in text.splitlines():
+            names = [name for marker, name in _LOG_PHASES.items() if marker in line]
+            actor = _ACTOR_LINE.search(line)
+            if actor and actor.group(1) not in _SKIPPED_ACTORS:
+                names.append(_ACTOR_PHASES.get(actor.group(1), f"{actor.group(1)} started"))
+            for name in names:
+                if name not in self.seen:
+                    self.seen.add(name)
+                    phases.append(name)
+        return phases
+
+
 def _wait_with_progress(process, metrics_path: Path, started: float, timeout, progress: bool, memory) -> int:
     seen = 0
     first_step_at = None
+    phases, log_offset = StartupPhases(), 0
+    log_path = metrics_path.parent / LOG_FILE
     while True:
         memory.sample()
         try:
             return process.wait(timeout=2.0) if timeout is None else _wait_bounded(process, started, timeout)
         except subprocess.TimeoutExpired:
             pass
+        if progress and log_path.exists():
+            with open(log_path, "rb") as log:
+                log.seek(log_offset)
+                chunk = log.read()
+            # A partial last line waits for the next poll.
+            chunk = chunk[: chunk.rfind(b"\n") + 1]
+            log_offset += len(chunk)
+            for phase in phases.feed(chunk.decode(errors="replace")):
+                print(f"[ta-opd] {time.monotonic() - started:.0f}s: {phase}", flush=True)
         if not progress or not metrics_path.exists():
             continue
         lines = metrics_path.read_text().splitlines()
@@ -249,16 +354,32 @@ def split_overrides(argv: list[str] | None) -> tuple[list[str], list[str]]:
     return argv[:split], argv[split + 1 :]
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, overrides = split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="ta-opd train", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ta-opd train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: ta-opd train --steps 5 -- distillation.distillation_loss.ta_opd.ratio=0.1",
+    )
     parser.add_argument(
         "--config", default="ta_opd_cpu", help="config name under conf/ (default: ta_opd_cpu)"
     )
     parser.add_argument("--out", default="outputs/train", help="run folder (metrics.jsonl, verl.log)")
-    parser.add_argument("--steps", type=int, default=None, help="trainer.total_training_steps")
+    parser.add_argument("--steps", type=positive_int, default=None, help="trainer.total_training_steps")
     parser.add_argument("--gpu", action="store_true", help="do not set the CPU runtime's environment")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        hint = " (Hydra overrides go after `--`: ta-opd train -- key=value)" if "=" in unknown[0] else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     cpu = not args.gpu
     if cpu:
         overrides = tiny_pair_overrides(build_tiny_pair()) + overrides

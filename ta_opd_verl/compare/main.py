@@ -36,7 +36,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ta_opd_verl.cli.train import split_overrides
+from ta_opd_verl.cli.train import positive_int, split_overrides
 from ta_opd_verl.compare.plan import (
     BUDGET_RATIOS,
     BUDGET_SELECTOR,
@@ -57,7 +57,19 @@ from ta_opd_verl.tiny.build import build_tiny_pair, planned_pair
 
 
 def _ratios(text: str) -> list[float]:
-    return [float(item) for item in text.split(",") if item]
+    """argparse type: comma-separated budgets ρ, each in (0, 1] (what ``ta_opd.ratio`` accepts)."""
+    try:
+        ratios = [float(item) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: comma-separated numbers in (0, 1] are accepted"
+        ) from None
+    wrong = [ratio for ratio in ratios if not 0 < ratio <= 1]
+    if wrong:
+        raise argparse.ArgumentTypeError(
+            f"budget(s) {wrong} outside (0, 1]; a budget is a share of the positions"
+        )
+    return ratios
 
 
 def _selectors(text: str) -> list[str]:
@@ -81,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, each at ρ = {MAIN_RATIO:g} (default: {','.join(COMPARED_SELECTORS)})",
     )
     parser.add_argument(
-        "--seeds", type=int, default=SEEDS, help=f"training seeds per selector (default: {SEEDS})"
+        "--seeds", type=positive_int, default=SEEDS, help=f"training seeds per selector (default: {SEEDS})"
     )
     parser.add_argument(
         "--budgets",
@@ -91,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Each run
     parser.add_argument(
-        "--steps", type=int, default=COMPARE_STEPS, help=f"training steps per run (default: {COMPARE_STEPS})"
+        "--steps",
+        type=positive_int,
+        default=COMPARE_STEPS,
+        help=f"training steps per run (default: {COMPARE_STEPS})",
     )
     parser.add_argument(
         "--lr", type=float, default=DEMO_LR, help=f"Adam learning rate (default: the demo's {DEMO_LR:g})"

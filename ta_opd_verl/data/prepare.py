@@ -292,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-duplicates", action="store_true", help="dapo-math: keep repeated prompts")
     args = parser.parse_args(argv)
     try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {args.out}: cannot create the output folder ({error.strerror})")
+    try:
         prepare(
             args.dataset,
             args.out,

@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from ta_opd_verl.cli.train import run_verl, tiny_pair_overrides
+from ta_opd_verl.cli.train import positive_int, run_verl, tiny_pair_overrides
 from ta_opd_verl.demo.report import build_report, plot_report
 from ta_opd_verl.tiny.build import build_tiny_pair
 
@@ -106,11 +106,22 @@ def run_demo(out_dir: Path, *, steps: int, lr: float, seed: int, test_freq: int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ta-opd demo", description=__doc__)
-    parser.add_argument("--out", default="outputs/demo")
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS)
-    parser.add_argument("--lr", type=float, default=DEMO_LR)
-    parser.add_argument("--seed", type=int, default=DEMO_SEED)
-    parser.add_argument("--test-freq", type=int, default=TEST_FREQ)
+    parser.add_argument("--out", default="outputs/demo", help="run folder (default: outputs/demo)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=DEMO_STEPS, help=f"training steps (default: {DEMO_STEPS})"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=DEMO_LR, help=f"actor learning rate (default: {DEMO_LR:g})"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=DEMO_SEED, help="data order, rollout and selection seed (default: 0)"
+    )
+    parser.add_argument(
+        "--test-freq",
+        type=positive_int,
+        default=TEST_FREQ,
+        help=f"validate every N steps (default: {TEST_FREQ})",
+    )
     args, extra = parser.parse_known_args(argv)
     out_dir = Path(args.out).resolve()
     report = run_demo(

@@ -299,3 +299,21 @@ def test_only_runs_one_planned_run_and_rejects_an_unknown_name(tmp_path, capsys)
     assert len(run_lines) == 1 and run_lines[0].startswith("run 1/1 tip-r0.05-s1: ")
     assert main(["--dry-run", "--only", "tip-r0.5-s1"]) == 2
     assert "not a planned run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--budgets", "1.5"], "budget(s) [1.5] outside (0, 1]"),
+        (["--budgets", "0.05,0"], "budget(s) [0.0] outside (0, 1]"),
+        (["--budgets", "abc"], "comma-separated numbers in (0, 1] are accepted"),
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--seeds", "-1"], "argument --seeds: must be an integer >= 1, got -1"),
+    ],
+    ids=["budget-above-one", "budget-zero", "budget-not-a-number", "no-steps", "negative-seeds"],
+)
+def test_a_plan_that_cannot_run_is_refused_before_anything_is_planned(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dry-run", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

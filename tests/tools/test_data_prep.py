@@ -166,3 +166,12 @@ def test_unscorable_ground_truth_is_dropped(ground_truth):
     record["reward_model"]["ground_truth"] = "24"
     (row,), _ = data_prep.dapo_rows([record])
     assert data_prep.keep_scorable([row], [data_prep.reference_answer(row)]) == ([row], 0)
+
+
+def test_an_output_folder_that_cannot_be_made_is_named_before_any_work(tmp_path, capsys):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        ta_opd(["prepare-data", "gsm8k", "--source", str(FIXTURES / "gsm8k"), "--out", str(blocked / "out")])
+    assert exit_info.value.code == 2
+    assert f"--out {blocked / 'out'}: cannot create the output folder" in capsys.readouterr().err

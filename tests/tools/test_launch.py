@@ -3,6 +3,7 @@ stopped with SIGTERM or Ctrl-C, and the per-step progress line reads verl's metr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,9 +12,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from ta_opd_verl.cli.train import supervise
+from ta_opd_verl.cli.train import StartupPhases, failure_reason, keep_file_logger, supervise
+from ta_opd_verl.cli.train import main as train_main
 
 # Stands in for verl: writes its pid, then one metrics line, then sleeps until stopped.
 CHILD = textwrap.dedent(
@@ -105,3 +108,125 @@ def test_a_child_past_its_timeout_is_killed(tmp_path):
             progress=False,
         )
     assert not process_alive(int((tmp_path / "child.pid").read_text()))
+
+
+@pytest.mark.parametrize(
+    ("log", "reason"),
+    [
+        (
+            "Hydra stuff\nta-opd: configuration refused before start-up: distillation.x must be 1, got 2\n",
+            "ta-opd: configuration refused before start-up: distillation.x must be 1, got 2",
+        ),
+        (
+            "Traceback (most recent call last):\n  File 'a.py'\nValueError: first\n"
+            "(TaskRunner pid=123) Traceback (most recent call last):\n"
+            "(TaskRunner pid=123) omegaconf.errors.ConfigAttributeError: Key 'foo' is not in struct\n"
+            "(raylet) some shutdown noise\n",
+            "omegaconf.errors.ConfigAttributeError: Key 'foo' is not in struct",
+        ),
+        ("all fine until the process was killed\n", None),
+    ],
+    ids=["refusal", "worker-traceback", "nothing"],
+)
+def test_the_failure_reason_is_read_from_verls_log(log, reason):
+    assert failure_reason(log) == reason
+
+
+def test_ta_opd_train_prints_the_refusal_itself(tmp_path):
+    """A refused config: the console says which key and why, not only where the log is."""
+    command = [sys.executable, "-m", "ta_opd_verl.cli.main", "train", "--out", str(tmp_path / "run")]
+    command += ["--", "distillation.distillation_loss.ta_opd.k=64"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "[ta-opd] verl failed: ta-opd: configuration refused before start-up:" in result.stdout
+    assert "distillation.distillation_loss.ta_opd.k (64) must be <=" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--steps", "-1"], "argument --steps: must be an integer >= 1, got -1"),
+        (["trainer.total_training_steps=3"], "Hydra overrides go after `--`: ta-opd train -- key=value"),
+    ],
+    ids=["zero-steps", "negative-steps", "override-without-separator"],
+)
+def test_ta_opd_train_refuses_bad_arguments_before_anything_starts(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _session_processes(session: int) -> list[psutil.Process]:
+    processes = []
+    for process in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
+                processes.append(process)
+    return processes
+
+
+@pytest.mark.e2e
+def test_ctrl_c_stops_ta_opd_train_during_start_up_with_nothing_left(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) once verl has started Ray: one line, status 130,
+    within 10 s, and no process of the run's session left (Ray's included)."""
+    command = [sys.executable, "-m", "ta_opd_verl.cli.main", "train", "--steps", "1", "--out", str(tmp_path)]
+    train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        log = tmp_path / "verl.log"
+        deadline = time.monotonic() + 300
+        while not (log.exists() and "Started a local Ray instance" in log.read_text(errors="replace")):
+            assert train.poll() is None and time.monotonic() < deadline, "verl never started Ray"
+            time.sleep(0.5)
+        stopped_at = time.monotonic()
+        os.killpg(train.pid, signal.SIGINT)
+        _, stderr = train.communicate(timeout=60)
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        if train.poll() is None:
+            os.killpg(train.pid, signal.SIGKILL)
+    assert train.returncode == 130, stderr.decode()[-2000:]
+    assert elapsed < 10, f"took {elapsed:.1f}s to stop"
+    assert stderr.decode().strip().splitlines()[-1] == "ta-opd train: interrupted"
+    assert "Traceback" not in stderr.decode()
+    deadline = time.monotonic() + 10
+    while (left := _session_processes(train.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [process.cmdline()[:3] for process in left]
+
+
+def test_start_up_phases_are_read_from_verls_log_once_each():
+    phases = StartupPhases()
+    first = phases.feed(
+        "2026 INFO worker.py:2029 -- Started a local Ray instance. View the dashboard\n"
+        "\x1b[36m(TaskRunnerV1 pid=1)\x1b[0m config ...\n"
+        "\x1b[36m(TaskRunnerV1 pid=1)\x1b[0m more\n"
+        "(CheckpointEngineWorker pid=4) noise\n"
+        "(WorkerDict pid=2) INFO platform\n"
+    )
+    assert first == [
+        "Ray started",
+        "verl's task runner started: building the workers",
+        "actor workers started (FSDP2)",
+    ]
+    later = phases.feed(
+        "(WorkerDict pid=3) again\n(NewActor pid=9) hi\n(TaskRunnerV1 pid=1) Training Progress:   0%\n"
+    )
+    assert later == [
+        "NewActor started",
+        "training loop started (validation first when trainer.val_before_train)",
+    ]
+
+
+def test_choosing_loggers_keeps_the_file_logger_the_progress_reads():
+    overrides = ["a=1", "trainer.logger=[console,tensorboard]", "b=2"]
+    assert keep_file_logger(overrides) == (
+        ["a=1", "trainer.logger=[console,tensorboard,file]", "b=2"],
+        ["console", "tensorboard"],
+    )
+    assert keep_file_logger(["trainer.logger=['file','wandb']"]) == (
+        ["trainer.logger=['file','wandb']"],
+        ["file", "wandb"],
+    )
+    assert keep_file_logger(["x=1"]) == (["x=1"], [])

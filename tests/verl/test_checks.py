@@ -4,12 +4,17 @@ the shared vocabulary. (The CPU runtime's head-size refusal: tests/tools/test_cp
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf, open_dict
 from verl_fixtures import compose_config, refused_main_ppo, teacher_with_swapped_tokens
 
 from ta_opd_verl import plugin_loading
-from ta_opd_verl.checks import TAOPDConfigError, check_model_paths, check_ta_opd_config
+from ta_opd_verl.checks import TAOPDConfigError, check_data_files, check_model_paths, check_ta_opd_config
+from ta_opd_verl.vocab import VocabularyMismatchError
 
 TEACHER = "distillation.teacher_models.teacher_model.model_path=/nonexistent/teacher"
 
@@ -198,3 +203,83 @@ def test_missing_fsdp_teacher_folder_is_named(pair):
     config = _fsdp_config("/nonexistent/fsdp-teacher", f"actor_rollout_ref.model.path={pair.student}")
     with pytest.raises(TAOPDConfigError, match=r"ta_opd\.teacher_path='/nonexistent/fsdp-teacher'"):
         check_model_paths(config)
+
+
+# ---- inputs beyond the ta_opd block: trainer, rollouts, dump folder, data files, weights -----------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.v1.trainer_mode=sync", r"trainer\.v1\.trainer_mode='sync': .*accepted: ta_opd"),
+        ("actor_rollout_ref.rollout.n=0", r"actor_rollout_ref\.rollout\.n=0: samples per prompt"),
+    ],
+    ids=["trainer-mode", "no-rollouts"],
+)
+def test_a_trainer_or_rollout_count_ta_opd_cannot_run_is_refused(override, message):
+    with pytest.raises(TAOPDConfigError, match=message):
+        check_ta_opd_config(_config(override))
+
+
+def test_a_selection_dump_folder_that_cannot_be_written_is_refused(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    override = f"distillation.distillation_loss.ta_opd.selection_dump_dir={blocked / 'dump'}"
+    with pytest.raises(TAOPDConfigError, match=r"ta_opd\.selection_dump_dir=.*cannot be written"):
+        check_ta_opd_config(_config(override))
+
+
+def _data_config(pair, train, *extra):
+    return _config(
+        f"actor_rollout_ref.model.path={pair.student}",
+        f"data.train_files={train}",
+        f"data.val_files={pair.val_parquet}",
+        *extra,
+    )
+
+
+def test_the_tiny_pairs_data_passes_without_notes(pair):
+    assert check_data_files(_data_config(pair, pair.train_parquet)) == []
+
+
+@pytest.mark.parametrize("problem", ["missing", "not-parquet", "no-prompt-column", "no-rows"])
+def test_an_unusable_data_file_is_refused_naming_its_key_and_file(pair, tmp_path, problem):
+    path = tmp_path / "train.parquet"
+    frame = pd.read_parquet(pair.train_parquet)
+    expected = {
+        "missing": r"does not exist",
+        "not-parquet": r"is not a readable parquet file",
+        "no-prompt-column": r"has no column 'prompt' \(data\.prompt_key\)",
+        "no-rows": r"has no rows",
+    }[problem]
+    if problem == "not-parquet":
+        path.write_text("a,b\n1,2\n")
+    elif problem == "no-prompt-column":
+        frame.drop(columns="prompt").to_parquet(path)
+    elif problem == "no-rows":
+        frame.head(0).to_parquet(path)
+    with pytest.raises(TAOPDConfigError, match=rf"^data\.train_files: .*{expected}"):
+        check_data_files(_data_config(pair, path))
+
+
+def test_prompts_longer_than_the_limit_are_counted_or_refused(pair, tmp_path):
+    path = tmp_path / "train.parquet"
+    frame = pd.read_parquet(pair.train_parquet).head(4)
+    frame.at[0, "prompt"] = [{"role": "user", "content": "seven plus eight " * 20}]
+    frame.to_parquet(path)
+    (note,) = check_data_files(_data_config(pair, path))
+    assert note.startswith("data.train_files: 1 of 4 prompts of ") and "max_prompt_length=32" in note
+    with pytest.raises(
+        TAOPDConfigError, match=r"every prompt of .* \(4\) is longer than data\.max_prompt_length=3 "
+    ):
+        check_data_files(_data_config(pair, path, "data.max_prompt_length=3"))
+
+
+def test_a_config_vocab_size_the_weights_do_not_have_is_refused(pair, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pair.teacher, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config["vocab_size"] += 64
+    (teacher / "config.json").write_text(json.dumps(config))
+    with pytest.raises(VocabularyMismatchError, match=r"config\.json says vocab_size=495 but the weights'"):
+        check_model_paths(_paths(pair.student, teacher))
