@@ -34,11 +34,15 @@ RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${OUTPUT_DIR:=$HOME/ta-opd-runs}"                              # our default
 
 # ---- user-adjustable: TA-OPD ----
+# A preset sets TA-OPD's method keys together: paper (Eqs. 7-17 as written) or authors_code (the authors'
+# code); empty: our defaults (docs/algorithm.md, "Presets"). The *-paper.sh and *-authors-code.sh recipes
+# set it with the rest of their settings.
+: "${PRESET:=}"                   # our default: none
 : "${SELECTOR:=teachability}"     # paper (baselines: full, entropy, raw_kl, tip, random, ...)
 : "${RATIO:=0.10}"                # paper: the budget of its main table (its abstract's default is 0.05)
 : "${K:=16}"                      # paper: support size of the student and teacher top-K
 : "${TEACHER_TOPK:=32}"           # our default: teacher entries per position (verl's YAML default)
-: "${MIN_KEEP_PER_SAMPLE:=0}"     # paper (the authors' code keeps 1 per sample)
+: "${MIN_KEEP_PER_SAMPLE:=}"      # empty: the preset's (0 without one, as the paper; authors' code: 1)
 
 # ---- user-adjustable: optimisation ----
 : "${LR:=1e-6}"                   # paper: Adam learning rate
@@ -65,7 +69,7 @@ RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${TEACHER_TP:=1}"              # our default: GPUs per teacher replica (replicas = pool / TP)
 
 : "${PROJECT_NAME:=ta_opd}"
-: "${EXPERIMENT:=${TEACHER_NAME}-to-${STUDENT_NAME}-${SELECTOR}-r${RATIO}-seed${SEED}}"
+: "${EXPERIMENT:=${TEACHER_NAME}-to-${STUDENT_NAME}${PRESET:+-$PRESET}-${SELECTOR}-r${RATIO}-seed${SEED}}"
 
 # Dynamic batching packs micro-batches by tokens: two full-length sequences per GPU forward.
 MAX_TOKENS_PER_GPU=$(((MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2))
@@ -116,9 +120,12 @@ DISTILLATION=(
     distillation.distillation_loss.ta_opd.selector="$SELECTOR"
     distillation.distillation_loss.ta_opd.ratio="$RATIO"
     distillation.distillation_loss.ta_opd.k="$K"
-    distillation.distillation_loss.ta_opd.min_keep_per_sample="$MIN_KEEP_PER_SAMPLE"
+    distillation.distillation_loss.ta_opd.preset="${PRESET:-null}"
     distillation.distillation_loss.ta_opd.seed="$SEED"
 )
+if [[ -n "$MIN_KEEP_PER_SAMPLE" ]]; then
+    DISTILLATION+=(distillation.distillation_loss.ta_opd.min_keep_per_sample="$MIN_KEEP_PER_SAMPLE")
+fi
 
 TRAINER=(
     trainer.n_gpus_per_node="$STUDENT_GPUS"

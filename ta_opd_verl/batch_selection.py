@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ta_opd_verl.teachability import TokenStatistics, batch_normalize, masked_quantiles, select_positions
+from ta_opd_verl.teachability import (
+    DEFAULT_RULES,
+    SelectionRules,
+    TokenStatistics,
+    batch_normalize,
+    masked_quantiles,
+    select_positions,
+)
 
 METRIC_PREFIX = "actor/ta_opd/"
 
@@ -45,15 +52,17 @@ def select_rollout_batch(
     *,
     selector: str,
     ratio: float,
-    min_keep_per_sample: int,
-    q_low: float,
-    q_high: float,
+    rules: SelectionRules,
     seed: int,
     global_step: int,
+    population: torch.Tensor | None = None,
     sampled_kl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The bool ``[B, T]`` selection over the whole batch (rows in the caller's order) and its metrics.
-    ``sampled_kl`` (optional, ``[B, T]``): the sampled-token k1, reported on selected vs unselected."""
+    ``population`` (optional, ``[B, T]``, containing ``valid``): the positions the normalisation runs over
+    (``ta_opd.normalize_over``; default ``valid``). ``sampled_kl`` (optional, ``[B, T]``): the sampled-token
+    k1, reported on selected vs unselected."""
+    population = valid if population is None else population
     order = torch.tensor(stable_sample_order(sample_ids), dtype=torch.long)
     ordered = TokenStatistics(*(field[order] for field in stats))
     mask_ordered = select_positions(
@@ -61,14 +70,14 @@ def select_rollout_batch(
         ordered,
         valid[order],
         ratio,
-        min_keep_per_sample=min_keep_per_sample,
+        rules=rules,
         generator=step_generator(seed, global_step),
-        q_low=q_low,
-        q_high=q_high,
+        population=population[order],
     )
     mask = torch.empty_like(mask_ordered)
     mask[order] = mask_ordered
-    return mask, selection_metrics(stats, valid, mask, q_low=q_low, q_high=q_high, sampled_kl=sampled_kl)
+    metrics = selection_metrics(stats, valid, mask, rules=rules, population=population, sampled_kl=sampled_kl)
+    return mask, metrics
 
 
 def selection_metrics(
@@ -76,8 +85,8 @@ def selection_metrics(
     valid: torch.Tensor,
     mask: torch.Tensor,
     *,
-    q_low: float,
-    q_high: float,
+    rules: SelectionRules,
+    population: torch.Tensor,
     sampled_kl: torch.Tensor | None = None,
 ) -> dict[str, float]:
     valid = valid.bool()
@@ -89,9 +98,11 @@ def selection_metrics(
         "kept_positions": float(selected.sum()),
         "valid_positions": float(n_valid),
     }
-    teachability = batch_normalize(stats.disagreement, valid, q_low, q_high) * batch_normalize(
-        stats.compatibility, valid, q_low, q_high
-    )
+
+    def normalised(values: torch.Tensor) -> torch.Tensor:
+        return batch_normalize(values, population, rules.q_low, rules.q_high, no_spread=rules.no_spread)
+
+    teachability = normalised(stats.disagreement) * normalised(stats.compatibility)
     named = {
         "disagreement": stats.disagreement,
         "compatibility": stats.compatibility,
@@ -121,7 +132,7 @@ def selection_records(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> list[dict]:
     """One JSON-ready record per sample (in stable-id order): its prompt and response token ids, the
-    selected positions, and D, C, H at every valid position (float32 values, exact in JSON), for
+    selected positions, and D, C, H at every valid position (float64 values, exact in JSON), for
     `ta_opd.selection_dump_dir`. ``extra``: more ``[B, T]`` per-position values, each written under its
     name like D, C, H."""
     named = dict(zip(("disagreement", "compatibility", "entropy"), stats, strict=True)) | (extra or {})
@@ -147,22 +158,24 @@ def selection_from_records(
     selector: str,
     ratio: float,
     *,
-    min_keep_per_sample: int = 0,
+    rules: SelectionRules = DEFAULT_RULES,
     scores: tuple[str, str] = ("disagreement", "compatibility"),
 ) -> list[list[int]]:
     """The selection recomputed from one step's `selection_records` (a dump read back): `select_positions`
-    over all their valid positions, in their stable-id order, with D and C from the fields named in
-    ``scores`` and H from ``entropy``. Per record, its selected positions (compare with ``selected``)."""
+    under ``rules`` over all their valid positions, in their stable-id order, with D and C from the fields
+    named in ``scores`` and H from ``entropy``. Per record, its selected positions (compare with
+    ``selected``). The dump holds the valid positions only: a run that normalised over every response
+    position (``normalize_over=response``) with loss-masked ones among them is not recomputed exactly."""
     length = max((len(record["entropy"]) for record in records), default=0)
     valid = torch.zeros(len(records), length, dtype=torch.bool)
-    columns = {name: torch.zeros(len(records), length) for name in (*scores, "entropy")}
+    columns = {name: torch.zeros(len(records), length, dtype=torch.float64) for name in (*scores, "entropy")}
     for row, record in enumerate(records):
         n = len(record["entropy"])
         valid[row, :n] = True
         for name, values in columns.items():
-            values[row, :n] = torch.tensor(record[name])
+            values[row, :n] = torch.tensor(record[name], dtype=torch.float64)
     stats = TokenStatistics(columns[scores[0]], columns[scores[1]], columns["entropy"])
-    mask = select_positions(selector, stats, valid, ratio, min_keep_per_sample=min_keep_per_sample)
+    mask = select_positions(selector, stats, valid, ratio, rules=rules)
     return [torch.nonzero(row).flatten().tolist() for row in mask]
 
 

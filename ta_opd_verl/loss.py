@@ -11,7 +11,12 @@ from typing import Any
 import torch
 
 from ta_opd_verl.batch_selection import trained_position_records, write_trained_positions
-from ta_opd_verl.opd_loss import masked_aggregate, masked_mean, reverse_kl_on_teacher_support
+from ta_opd_verl.opd_loss import (
+    clipped_policy_loss,
+    masked_aggregate,
+    masked_mean,
+    reverse_kl_on_teacher_support,
+)
 from ta_opd_verl.protocol import (
     PHASE_KEY,
     REVERSE_KL_FIELD,
@@ -82,44 +87,72 @@ class TAOPDLossFunction:
         info = batch_info(data, self.actor_config.loss_scale_factor)
         if self.settings.loss == "reverse_kl_topk":
             per_token = no_padding_2_padding(model_output[REVERSE_KL_FIELD], data)
-            loss = masked_aggregate(
-                per_token,
-                selected,
-                self.settings.aggregation,
-                dp_size=info["dp_size"],
-                batch_num_selected=info["batch_num_tokens"],
-                global_batch_size=info["global_batch_size"],
-            )
+            loss = self._aggregate(per_token, selected, info)
             metrics = {"ta_opd/reverse_kl_selected": masked_mean(per_token.detach(), selected)}
             return loss, metrics | {"distillation/loss": loss.detach().item()}
         return self.sampled_token_policy_loss(model_output, data, selected, info)
 
     def sampled_token_policy_loss(self, model_output: dict, data, selected: torch.Tensor, info: dict):
-        """``loss=pg_k1``: verl's sampled-token OPD (advantage = -(log p_θ(y) - log p_T(y)), PPO-clipped),
-        mirrored from verl's ``distillation_loss`` with the selection as the loss mask."""
+        """``loss=pg_k1``: the sampled-token OPD loss with the selection as the loss mask: advantage
+        -(log p(y) - log p_T(y)) from the current or the old log-prob (``ta_opd.advantage_logprob``),
+        PPO-clipped by verl's policy loss, mirrored from verl's ``distillation_loss`` (``ta_opd.dual_clip``
+        true), or by the plain clip of the paper and the authors' code (false)."""
         log_prob = no_padding_2_padding(model_output["log_probs"], data)
+        old_log_prob = padded(data["old_log_probs"], 0.0)
         teacher_ids = no_padding_2_padding(data[TEACHER_IDS_FIELD], data)
         teacher_logprobs = no_padding_2_padding(data[TEACHER_LOGPROBS_FIELD], data)
         _, _, teacher_sampled = split_teacher_entries(teacher_ids, teacher_logprobs, self.loss_config.topk)
+        policy_log_prob = old_log_prob if self.settings.advantage_logprob == "old" else log_prob
         per_token = kl_penalty(
-            logprob=log_prob, ref_logprob=teacher_sampled.to(log_prob.dtype), kl_penalty="k1"
+            logprob=policy_log_prob, ref_logprob=teacher_sampled.to(log_prob.dtype), kl_penalty="k1"
         )
         clamp = self.loss_config.loss_max_clamp
         if clamp is not None:
             per_token = per_token.clamp(min=-clamp, max=clamp)
+        advantages = -per_token.detach()
+        if self.settings.dual_clip:
+            loss, metrics = self._verl_policy_loss(log_prob, old_log_prob, advantages, selected, data, info)
+        else:
+            per_token_loss, clipped = clipped_policy_loss(
+                log_prob,
+                old_log_prob,
+                advantages,
+                self.loss_config.clip_ratio_low,
+                self.loss_config.clip_ratio_high,
+            )
+            weights = data.get("rollout_is_weights", None)
+            if weights is not None:  # verl's rollout correction, applied as its policy loss applies it
+                per_token_loss = per_token_loss * padded(weights, 0.0)
+            loss = self._aggregate(per_token_loss, selected, info)
+            metrics = {
+                "distillation/pg_clipfrac": masked_mean(clipped.float(), selected),
+                "distillation/ppo_kl": masked_mean((old_log_prob - log_prob).detach(), selected),
+            }
+        metrics["ta_opd/k1_selected"] = masked_mean(per_token.detach(), selected)
+        metrics["distillation/loss"] = loss.detach().item()
+        return loss, metrics
+
+    def _aggregate(self, per_token: torch.Tensor, selected: torch.Tensor, info: dict) -> torch.Tensor:
+        return masked_aggregate(
+            per_token,
+            selected,
+            self.settings.aggregation,
+            dp_size=info["dp_size"],
+            batch_num_selected=info["batch_num_tokens"],
+            global_batch_size=info["global_batch_size"],
+        )
+
+    def _verl_policy_loss(self, log_prob, old_log_prob, advantages, selected, data, info: dict):
         for key, value in info.items():
             self.loss_config.global_batch_info[key] = value
         policy_loss_fn = get_policy_loss_fn(self.loss_config.policy_loss_mode)
         loss, pg_metrics = policy_loss_fn(
-            old_log_prob=padded(data["old_log_probs"], 0.0),
+            old_log_prob=old_log_prob,
             log_prob=log_prob,
-            advantages=-per_token.detach(),
+            advantages=advantages,
             response_mask=selected,
             loss_agg_mode=self.settings.aggregation,
             config=self.loss_config,
             rollout_is_weights=data.get("rollout_is_weights", None),
         )
-        metrics = {f"distillation/{k.split('/', 1)[-1]}": v for k, v in pg_metrics.items()}
-        metrics["ta_opd/k1_selected"] = masked_mean(per_token.detach(), selected)
-        metrics["distillation/loss"] = loss.detach().item()
-        return loss, metrics
+        return loss, {f"distillation/{k.split('/', 1)[-1]}": v for k, v in pg_metrics.items()}

@@ -23,6 +23,23 @@ def reverse_kl_on_teacher_support(
     return (student_on_support.exp() * (student_on_support - teacher_on_support)).sum(-1)
 
 
+def clipped_policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token PPO-clip loss max(-r·A, -clip(r, 1 - clip_low, 1 + clip_high)·A), r = exp(log_prob -
+    old_log_prob), without verl's dual clip and log-ratio clamp (the objective of the paper and of the
+    authors' ``compute_policy_loss``); also where the clipped term won (the clip fraction's numerator).
+    Differentiable in ``log_prob``."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -ratio * advantages
+    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
 def masked_aggregate(
     per_token: torch.Tensor,
     selected: torch.Tensor,

@@ -88,6 +88,10 @@ class TAOPDTrainer(PPOTrainerSync):
         self.distillation_config = distillation_dataclass(self.config)
         self.loss_config = self.distillation_config.distillation_loss
         self.ta_opd = self.loss_config.ta_opd
+        # Once per run: what a preset and the explicit keys resolved to, the settings the workers get too.
+        settings = "\n".join(self.loss_config.resolved_settings())
+        logger.info(settings)
+        print(settings, flush=True)
         actor_config = actor_dataclass(self.config)
         self.actor_rollout_wg.set_loss_fn(
             TAOPDLossFunction(actor_config, self.distillation_config, self.teacher)
@@ -131,11 +135,16 @@ class TAOPDTrainer(PPOTrainerSync):
         fields += [TEACHER_LOGPROBS_FIELD, TEACHER_IDS_FIELD, "prompts", "responses", *extra_fields]
         data = read_fields(batch, fields)
         response_mask = data["response_mask"]
-        valid = padded(response_mask, 0).bool() & not_padding_rows(batch).unsqueeze(1)
+        real_rows = not_padding_rows(batch).unsqueeze(1)
+        valid = padded(response_mask, 0).bool() & real_rows
+        # normalize_over=response: every response position, the ones the response mask leaves out included.
+        population = (
+            valid if self.ta_opd.normalize_over == "valid" else (padded(response_mask, -1) >= 0) & real_rows
+        )
         stats = TokenStatistics(
-            disagreement=padded(data[DISAGREEMENT_FIELD], 0.0).float(),
-            compatibility=padded(data[COMPATIBILITY_FIELD], 0.0).float(),
-            entropy=padded(data[entropy_field], 0.0).float(),
+            disagreement=padded(data[DISAGREEMENT_FIELD], 0.0).double(),
+            compatibility=padded(data[COMPATIBILITY_FIELD], 0.0).double(),
+            entropy=padded(data[entropy_field], 0.0).double(),
         )
         prompts = [row.tolist() for row in data["prompts"].unbind()]
         sample_ids = stable_sample_ids(rollout_ids(batch), prompts)
@@ -147,11 +156,10 @@ class TAOPDTrainer(PPOTrainerSync):
             sample_ids,
             selector=settings.selector,
             ratio=settings.ratio,
-            min_keep_per_sample=settings.min_keep_per_sample,
-            q_low=settings.q_low,
-            q_high=settings.q_high,
+            rules=settings.selection_rules(),
             seed=settings.seed,
             global_step=self.global_steps,
+            population=population,
             sampled_kl=padded(data["old_log_probs"], 0.0).float() - teacher_sampled,
         )
         metrics.update(selection_metrics)

@@ -23,7 +23,8 @@ shift
 # The recipe's settings travel as `env NAME=value` in front of the entry point.
 settings=()
 for name in NNODES STUDENT_GPUS ROLLOUT_TP TEACHER_NNODES TEACHER_GPUS TEACHER_TP OUTPUT_DIR MODEL_DIR \
-    DATA_DIR STUDENT TEACHER TRAIN_FILES VAL_FILES SELECTOR RATIO K SEED TOTAL_STEPS EXPERIMENT PYTHON CONF; do
+    DATA_DIR STUDENT TEACHER TRAIN_FILES VAL_FILES PRESET SELECTOR RATIO K MIN_KEEP_PER_SAMPLE SEED TOTAL_STEPS \
+    EXPERIMENT PYTHON CONF; do
     if [[ -n "${!name:-}" ]]; then
         settings+=("$name=${!name}")
     fi

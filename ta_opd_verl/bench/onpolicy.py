@@ -37,7 +37,7 @@ import torch
 
 from ta_opd_verl.bench.machine import machine_info
 from ta_opd_verl.opd_loss import masked_aggregate, reverse_kl_on_teacher_support
-from ta_opd_verl.teachability import SELECTORS, select_positions, token_statistics
+from ta_opd_verl.teachability import SELECTORS, SelectionRules, select_positions, token_statistics
 from ta_opd_verl.tiny.build import build_tiny_pair
 from ta_opd_verl.tiny.evaluate import generate_responses, greedy_accuracy
 from ta_opd_verl.tiny.tasks import Problem
@@ -282,7 +282,7 @@ def _scored_rollouts(
         stats,
         valid,
         config["ratio"],
-        min_keep_per_sample=config["min_keep"],
+        rules=SelectionRules(min_keep_per_sample=config["min_keep"]),
         generator=generator,
     )
     selected &= valid

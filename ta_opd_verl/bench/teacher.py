@@ -40,7 +40,7 @@ import torch
 from ta_opd_verl.batch_selection import load_selection_dump, selection_from_records
 from ta_opd_verl.bench.machine import machine_info
 from ta_opd_verl.cli.train import METRICS_FILE, run_verl, tiny_pair_overrides
-from ta_opd_verl.teachability import SELECTORS
+from ta_opd_verl.teachability import SELECTORS, SelectionRules
 from ta_opd_verl.tiny.build import build_tiny_pair
 
 RESULT_NAME = "teacher"
@@ -179,7 +179,7 @@ def selection_comparison(steps: dict[int, list[dict]], selection: dict) -> dict:
             records,
             selection["selector"],
             selection["ratio"],
-            min_keep_per_sample=selection["min_keep"],
+            rules=SelectionRules(min_keep_per_sample=selection["min_keep"]),
             scores=fields,
         )
         return {(row, position) for row, kept in enumerate(positions) for position in kept}

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from ta_opd_verl.teachability import TokenStatistics, batch_normalize, selector_scores, token_statistics
+from ta_opd_verl.teachability import (
+    SelectionRules,
+    TokenStatistics,
+    batch_normalize,
+    selector_scores,
+    token_statistics,
+)
 
 # Selectors whose score is a function of (D, C, H) alone: the ones a correlation can be computed for.
 DETERMINISTIC_SELECTORS = ("teachability", "raw_kl", "entropy", "tip", "ta_entropy", "c_only", "d_incompat")
@@ -105,6 +111,7 @@ def bank_scores(
     `D_I` (= D̃(1 - C̃)), `in_q3`, and one entry per name in `DETERMINISTIC_SELECTORS`.
     """
     stats = statistics_at(grids, k)
+    rules = SelectionRules(q_low=q_low, q_high=q_high)
     out = {
         "D_norm": batch_normalize(stats.disagreement, valid, q_low, q_high),
         "C_norm": batch_normalize(stats.compatibility, valid, q_low, q_high),
@@ -113,9 +120,9 @@ def bank_scores(
     out["D_L"] = out["D_norm"] * out["C_norm"]
     out["D_I"] = out["D_norm"] * (1.0 - out["C_norm"])
     # Q3 membership exactly as the selectors define it: `q3_high_c` scores 1 + C̃ on Q3 and 0 elsewhere.
-    out["in_q3"] = selector_scores("q3_high_c", stats, valid, q_low=q_low, q_high=q_high) >= 1.0
+    out["in_q3"] = selector_scores("q3_high_c", stats, valid, rules=rules) >= 1.0
     for name in DETERMINISTIC_SELECTORS:
-        out[name] = selector_scores(name, stats, valid, q_low=q_low, q_high=q_high)
+        out[name] = selector_scores(name, stats, valid, rules=rules)
     return out
 
 

@@ -34,7 +34,7 @@ from ta_opd_verl.protocol import (
     teacher_entry_fields,
     teacher_entry_outputs,
 )
-from ta_opd_verl.teachability import teacher_entries, token_statistics
+from ta_opd_verl.teachability import DEFAULT_PROB_FLOOR, teacher_entries, token_statistics
 from ta_opd_verl.teachers.base import (
     TEACHER_KEY,
     TEACHER_PATH_KEY,
@@ -141,10 +141,8 @@ class ColocatedFSDPTeacher(Teacher):
             student_logits,
             teacher_logits,
             sampled_ids,
-            k=settings.k,
+            **settings.scoring_options(),
             topk=loss_fn.loss_config.topk,
-            student_probs=settings.student_probs,
-            entropy_mode=settings.entropy_mode,
             exact_compatibility=settings.compatibility == "exact",
             lower_bound_outputs=dumps_lower_bound(settings),
         )
@@ -251,6 +249,8 @@ def score_with_teacher_logits(
     entropy_mode: str,
     exact_compatibility: bool,
     lower_bound_outputs: bool = False,
+    student_prob_floor: float = DEFAULT_PROB_FLOOR,
+    teacher_list: str = "all",
 ) -> dict[str, torch.Tensor]:
     """The scoring forward's per-token outputs, each ``(1, total_nnz)``, from both models' logits.
 
@@ -277,6 +277,8 @@ def score_with_teacher_logits(
             top_logprobs.unsqueeze(0),
             k=k,
             student_probs=student_probs,
+            student_prob_floor=student_prob_floor,
+            teacher_list=teacher_list,
             teacher_logprobs_at_student_topk=exact,
             student_topk_ids=student_topk_ids.unsqueeze(0),
             entropy_mode=mode,

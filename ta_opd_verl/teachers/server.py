@@ -101,9 +101,7 @@ class ServerTeacher(Teacher):
                 student_logits,
                 top_ids,
                 top_logprobs,
-                k=settings.k,
-                student_probs=settings.student_probs,
-                entropy_mode=settings.entropy_mode,
+                **settings.scoring_options(),
                 student_entropy=skipped_entropy(settings.entropy_mode, student_logits),
             )
         return statistics_outputs(stats, settings.entropy_mode)

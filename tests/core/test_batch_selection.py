@@ -18,9 +18,9 @@ from ta_opd_verl.batch_selection import (
     trained_position_records,
     write_trained_positions,
 )
-from ta_opd_verl.teachability import TokenStatistics
+from ta_opd_verl.teachability import SelectionRules, TokenStatistics
 
-SETTINGS = dict(min_keep_per_sample=0, q_low=0.05, q_high=0.95, seed=3, global_step=1)
+SETTINGS = dict(rules=SelectionRules(), seed=3, global_step=1)
 
 
 def _stats(b: int, t: int, seed: int = 0) -> TokenStatistics:

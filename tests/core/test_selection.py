@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from ta_opd_verl.teachability import (
     SELECTORS,
+    SelectionRules,
     TokenStatistics,
     batch_normalize,
+    budget_size,
     masked_quantiles,
     select_budget,
     select_positions,
@@ -27,31 +29,42 @@ def reference_quantile(sorted_values, q):
     return sorted_values[low] + (position - low) * (sorted_values[high] - sorted_values[low])
 
 
-def reference_normalize(values, valid, q_low=0.05, q_high=0.95):
+def reference_normalize(values, valid, q_low=0.05, q_high=0.95, no_spread="half"):
     flat_values, flat_valid = values.reshape(-1).tolist(), valid.reshape(-1).tolist()
     chosen = sorted(v for v, ok in zip(flat_values, flat_valid, strict=True) if ok)
     out = [0.0] * len(flat_values)
     if chosen:
         low, high = reference_quantile(chosen, q_low), reference_quantile(chosen, q_high)
         for i, (v, ok) in enumerate(zip(flat_values, flat_valid, strict=True)):
-            if ok:
+            if not ok:
+                continue
+            if no_spread == "half":
                 out[i] = 0.5 if high - low <= 1e-6 else min(1.0, max(0.0, (v - low) / (high - low + 1e-12)))
+            else:
+                out[i] = 0.0 if abs(high - low) < 1e-12 else min(1.0, max(0.0, (v - low) / (high - low)))
     return torch.tensor(out, dtype=torch.float64).reshape(values.shape)
 
 
-def reference_select(scores, valid, ratio, min_keep=0):
+def reference_select(scores, valid, ratio, min_keep=0, candidates=None, top_up=None, rounding="decimal"):
+    """The selection rules written out: the top n of the candidates (default: the valid positions) by
+    (-score, t, b); then each sample short of min_keep gets its best unselected valid positions by
+    (-top_up score, t)."""
     batch, length = scores.shape
     positions = [(b, t) for b in range(batch) for t in range(length) if valid[b, t]]
-    ranked = sorted(positions, key=lambda p: (-scores[p[0], p[1]].item(), p[1], p[0]))
-    n_keep = math.ceil(Fraction(str(ratio)) * len(positions))
+    pool = [p for p in positions if candidates is None or candidates[p]]
+    ranked = sorted(pool, key=lambda p: (-scores[p].item(), p[1], p[0]))
+    if rounding == "decimal":
+        n_keep = math.ceil(Fraction(str(ratio)) * len(positions))
+    else:
+        n_keep = max(1, math.ceil(len(positions) * ratio))
     chosen = set(ranked[:n_keep])
+    top_up = scores if top_up is None else top_up
     for b in range(batch):
-        own = [p for p in ranked if p[0] == b]
-        target = min(min_keep, len(own))
-        for p in own:
-            if sum(1 for q in chosen if q[0] == b) >= target:
-                break
-            chosen.add(p)
+        missing = min_keep - sum(1 for p in chosen if p[0] == b)
+        own = sorted(
+            (p for p in positions if p[0] == b and p not in chosen), key=lambda p: (-top_up[p].item(), p[1])
+        )
+        chosen.update(own[: max(missing, 0)])
     mask = torch.zeros(batch, length, dtype=torch.bool)
     for b, t in chosen:
         mask[b, t] = True
@@ -67,29 +80,37 @@ def random_stats(shape, seed):
     )
 
 
-def reference_scores(name, stats, valid):
-    d = reference_normalize(stats.disagreement, valid)
-    c = reference_normalize(stats.compatibility, valid)
-    h = reference_normalize(stats.entropy, valid)
-    s = d * c
+def reference_scores(name, stats, valid, population=None, no_spread="half", product=False):
+    """The selector formulas (Eq. 12, 14-16) on statistics normalised over `population` (default valid);
+    `product`: the authors' ta_entropy and q3, with Norm(D·C) in place of D̃·C̃."""
+    population = valid if population is None else population
+
+    def norm(values):
+        return reference_normalize(values.double(), population, no_spread=no_spread)
+
+    d, c, h = norm(stats.disagreement), norm(stats.compatibility), norm(stats.entropy)
+    s = norm(stats.disagreement.double() * stats.compatibility.double()) if product else d * c
     formulas = {
-        "teachability": lambda: s,
+        "teachability": lambda: d * c,
         "raw_kl": lambda: d,
         "entropy": lambda: h,
         "tip": lambda: h + d - h * d,
         "ta_entropy": lambda: h + s - h * s,
         "c_only": lambda: c,
         "d_incompat": lambda: d * (1 - c),
+        "q3": lambda: (1 - h) * s,
+        "q3_high_c": lambda: c,
     }
     return torch.where(valid, formulas[name](), 0.0)
 
 
-def reference_q3(stats, valid):
-    d = reference_normalize(stats.disagreement, valid)
-    h = reference_normalize(stats.entropy, valid)
-    h_median = reference_quantile(sorted(h[valid].tolist()), 0.5)
-    d_median = reference_quantile(sorted(d[valid].tolist()), 0.5)
-    return valid & (h < h_median) & (d >= d_median)
+def reference_q3(stats, valid, population=None, no_spread="half"):
+    population = valid if population is None else population
+    d = reference_normalize(stats.disagreement, population, no_spread=no_spread)
+    h = reference_normalize(stats.entropy, population, no_spread=no_spread)
+    h_median = reference_quantile(sorted(h[population].tolist()), 0.5)
+    d_median = reference_quantile(sorted(d[population].tolist()), 0.5)
+    return population & (h < h_median) & (d >= d_median)
 
 
 VALID_PATTERNS = ["random", "all", "one", "none"]
@@ -110,20 +131,35 @@ def make_valid(shape, pattern, gen):
 # ---- batch_normalize ----
 
 
+@pytest.mark.parametrize("no_spread", ["half", "zero"])
 @pytest.mark.parametrize("pattern", VALID_PATTERNS)
 @pytest.mark.parametrize("shape", [(4, 9), (3, 2, 5), (50,)])
 @pytest.mark.parametrize(("q_low", "q_high"), [(0.05, 0.95), (0.0, 1.0), (0.25, 0.3)])
-def test_batch_normalize_matches_reference(shape, pattern, q_low, q_high):
+def test_batch_normalize_matches_reference(shape, pattern, q_low, q_high, no_spread):
     gen = torch.Generator().manual_seed(len(shape) * 10 + VALID_PATTERNS.index(pattern))
-    values = torch.randn(shape, generator=gen) * 4
+    values = torch.randn(shape, generator=gen, dtype=torch.float64) * 4
     valid = make_valid(shape, pattern, gen)
     values[~valid] = 1e6  # must not influence the quantiles
-    got = batch_normalize(values, valid, q_low, q_high)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(
-        got.double(), reference_normalize(values, valid, q_low, q_high), atol=1e-6, rtol=0
-    )
+    got = batch_normalize(values, valid, q_low, q_high, no_spread=no_spread)
+    assert got.dtype == torch.float64
+    expected = reference_normalize(values, valid, q_low, q_high, no_spread)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
     assert (got[~valid] == 0).all()
+
+
+def test_spreads_between_the_two_no_spread_thresholds():
+    # A spread of 1e-9: below ours (1e-6, every position 0.5), above the authors' (1e-12, normalised).
+    values = torch.tensor([[1.0, 1.0 + 1e-9, 1.0 + 2e-9]], dtype=torch.float64)
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    assert batch_normalize(values, valid, 0.0, 1.0).tolist() == [[0.5, 0.5, 0.5]]
+    torch.testing.assert_close(
+        batch_normalize(values, valid, 0.0, 1.0, no_spread="zero"),
+        torch.tensor([[0.0, 0.5, 1.0]], dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
+    constant = torch.full((1, 3), 2.5)
+    assert batch_normalize(constant, valid, no_spread="zero").tolist() == [[0.0, 0.0, 0.0]]
 
 
 def test_quantiles_agree_with_torch_quantile():
@@ -133,6 +169,18 @@ def test_quantiles_agree_with_torch_quantile():
     qs = (0.0, 0.05, 0.5, 0.95, 1.0)
     expected = torch.quantile(values[valid].double(), torch.tensor(qs, dtype=torch.float64)).tolist()
     assert masked_quantiles(values, valid, qs) == pytest.approx(expected, abs=1e-6)
+
+
+def test_quantile_interpolation_is_written_like_the_authors():
+    # x_lo·(1 - f) + x_hi·f, not x_lo + f·(x_hi - x_lo): the two differ in the last bit here.
+    values = torch.tensor([0.1, 0.7, 0.3, 0.9, 0.5, 0.2], dtype=torch.float64)
+    valid = torch.ones(6, dtype=torch.bool)
+    xs = sorted(values.tolist())
+    for q in (0.05, 0.5, 0.95):
+        position = q * 5
+        low, frac = math.floor(position), position - math.floor(position)
+        expected = xs[low] * (1.0 - frac) + xs[low + 1] * frac
+        assert masked_quantiles(values, valid, (q,)) == [expected]
 
 
 def test_constant_statistic_gives_one_half_and_no_valid_gives_zeros():
@@ -284,8 +332,94 @@ def test_selector_scores_match_reference(name, pattern):
 def test_select_positions_keeps_the_top_scores(name):
     stats = random_stats((3, 20), 7)
     valid = torch.rand(3, 20, generator=torch.Generator().manual_seed(7)) < 0.8
-    expected = reference_select(reference_scores(name, stats, valid).float(), valid, 0.1, 1)
-    assert torch.equal(select_positions(name, stats, valid, 0.1, min_keep_per_sample=1), expected)
+    expected = reference_select(reference_scores(name, stats, valid), valid, 0.1, 1)
+    got = select_positions(name, stats, valid, 0.1, rules=SelectionRules(min_keep_per_sample=1))
+    assert torch.equal(got, expected)
+
+
+AUTHORS_RULES = SelectionRules(
+    min_keep_per_sample=1,
+    no_spread="zero",
+    ta_entropy_score="normalized_product",
+    q3_rule="quadrant_only",
+    min_keep_score="ta_entropy",
+    budget_rounding="float",
+)
+
+
+@pytest.mark.parametrize("name", [*RANKED, "q3", "q3_high_c"])
+def test_the_authors_rules_rank_and_top_up_as_written(name):
+    stats = random_stats((5, 24), 21)
+    gen = torch.Generator().manual_seed(21)
+    population = torch.rand(5, 24, generator=gen) < 0.9  # response positions
+    valid = population & (torch.rand(5, 24, generator=gen) < 0.8)  # their loss-mask positions
+    valid[4] = False  # a sample with nothing valid is never topped up
+    expected_scores = reference_scores(name, stats, valid, population, "zero", product=True)
+    got_scores = selector_scores(name, stats, valid, rules=AUTHORS_RULES, population=population)
+    torch.testing.assert_close(got_scores, expected_scores, atol=1e-12, rtol=0)
+    q3 = reference_q3(stats, valid, population, "zero")
+    expected = reference_select(
+        expected_scores,
+        valid,
+        0.1,
+        1,
+        candidates=q3 if name.startswith("q3") else None,
+        top_up=reference_scores("ta_entropy", stats, valid, population, "zero", product=True),
+        rounding="float",
+    )
+    got = select_positions(name, stats, valid, 0.1, rules=AUTHORS_RULES, population=population)
+    assert torch.equal(got, expected)
+    if name.startswith("q3"):  # never more than the quadrant holds, plus the top-ups
+        assert int((got & q3).sum()) <= int((q3 & valid).sum())
+
+
+def test_q3_quadrant_only_keeps_at_most_the_quadrant():
+    stats = random_stats((4, 30), 22)
+    valid = torch.ones(4, 30, dtype=torch.bool)
+    q3 = reference_q3(stats, valid)
+    rules = SelectionRules(q3_rule="quadrant_only")
+    got = select_positions("q3_high_c", stats, valid, 0.9, rules=rules)
+    assert torch.equal(got, q3)
+    filled = select_positions("q3_high_c", stats, valid, 0.9)
+    assert int(filled.sum()) == math.ceil(Fraction("0.9") * 120) and (filled & q3).sum() == q3.sum()
+
+
+@pytest.mark.parametrize("min_keep", [0, 1, 2])
+@pytest.mark.parametrize("rounding", ["decimal", "float"])
+@pytest.mark.parametrize("pattern", VALID_PATTERNS)
+def test_select_budget_with_candidates_and_a_top_up_score_matches_reference(pattern, rounding, min_keep):
+    gen = torch.Generator().manual_seed(30 + VALID_PATTERNS.index(pattern))
+    shape = (6, 11)
+    scores = torch.randint(0, 4, shape, generator=gen).double()  # many ties
+    top_up = torch.randint(0, 3, shape, generator=gen).double()
+    candidates = torch.rand(shape, generator=gen) < 0.3
+    valid = make_valid(shape, pattern, gen)
+    for ratio in (0.05, 0.3, 0.7):
+        got = select_budget(
+            scores,
+            valid,
+            ratio,
+            min_keep_per_sample=min_keep,
+            candidates=candidates,
+            top_up_scores=top_up,
+            budget_rounding=rounding,
+        )
+        expected = reference_select(scores, valid, ratio, min_keep, candidates, top_up, rounding)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "n_valid", "decimal", "float_"), [(0.07, 100, 7, 8), (0.05, 7, 1, 1), (0.1, 0, 0, 1)]
+)
+def test_budget_size_rounding(ratio, n_valid, decimal, float_):
+    # 0.07 · 100 is 7.000000000000001 in float64: the authors' ceil gives 8.
+    assert budget_size(ratio, n_valid) == decimal
+    assert budget_size(ratio, n_valid, "float") == float_
+
+
+def test_float64_scores_are_not_rounded_to_float32_before_ranking():
+    scores = torch.tensor([[1.0 - 2**-40, 1.0]], dtype=torch.float64)  # equal in float32
+    assert select_budget(scores, torch.ones(1, 2, dtype=torch.bool), 0.5).tolist() == [[False, True]]
 
 
 def test_q3_fills_its_quadrant_first_in_random_order():

@@ -15,7 +15,15 @@ NEG_INF = float("-inf")
 
 
 def reference_row(
-    logits, teacher_ids, teacher_lps, k, student_probs="exact", exact=None, entropy_mode="full"
+    logits,
+    teacher_ids,
+    teacher_lps,
+    k,
+    student_probs="exact",
+    exact=None,
+    entropy_mode="full",
+    floor=1e-12,
+    teacher_list="all",
 ):
     """D, C, H of one position, straight from the definitions, in float64 Python arithmetic."""
     student_topk = torch.topk(logits, k).indices.tolist()
@@ -27,6 +35,8 @@ def reference_row(
             teacher.setdefault(token, lp)
             present.append((lp, token))
     teacher_topk = [token for _, token in sorted(present, key=lambda e: -e[0])[:k]]
+    if teacher_list == "top_k":
+        teacher = {token: lp for token, lp in teacher.items() if token in teacher_topk}
     union = set(student_topk) | set(teacher_topk)
 
     def p_teacher(v):
@@ -44,10 +54,10 @@ def reference_row(
     z_teacher = sum(p_teacher(v) for v in union)
     z_student = sum(p_student(v) for v in union)
     disagreement = 0.0
-    for v in union:
-        pt = p_teacher(v) / z_teacher if z_teacher > 0 else 0.0
+    for v in union if z_teacher > 0 else ():
+        pt, ps = max(p_teacher(v) / z_teacher, floor), max(p_student(v) / z_student, floor)
         if pt > 0:
-            disagreement += pt * (math.log(pt) - math.log(max(p_student(v) / z_student, 1e-12)))
+            disagreement += pt * (math.log(pt) - math.log(ps))
     compatibility = min(1.0, max(0.0, sum(p_teacher(v) for v in student_topk)))
     if entropy_mode == "full":
         entropy = -sum(math.exp(lp) * lp for lp in log_probs if lp != NEG_INF)
@@ -60,7 +70,8 @@ def reference_row(
     return disagreement, compatibility, entropy
 
 
-def reference(logits, teacher_ids, teacher_lps, k, student_probs="exact", exact=None, entropy_mode="full"):
+def reference(logits, teacher_ids, teacher_lps, k, student_probs="exact", exact=None, **options):
+    """`reference_row` at every position; `options`: its `entropy_mode`, `floor`, `teacher_list`."""
     vocab, kt = logits.shape[-1], teacher_ids.shape[-1]
     lead = logits.shape[:-1]
     flat_exact = None if exact is None else exact.reshape(-1, k).tolist()
@@ -72,7 +83,7 @@ def reference(logits, teacher_ids, teacher_lps, k, student_probs="exact", exact=
             k,
             student_probs,
             None if flat_exact is None else flat_exact[i],
-            entropy_mode,
+            **options,
         )
         for i, (row, ids, lps) in enumerate(
             zip(
@@ -114,7 +125,7 @@ def make_teacher(logits, kt, overlap, generator, absent_fraction=0.0):
 
 def assert_matches(stats, expected, atol=2e-4):
     for got, want, name in zip(stats, expected, ("D", "C", "H"), strict=True):
-        assert got.dtype == torch.float32, name
+        assert got.dtype == torch.float64, name
         assert got.shape == want.shape, name
         torch.testing.assert_close(got.double(), want, atol=atol, rtol=2e-4, msg=name)
 
@@ -133,15 +144,45 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("student_probs", ["exact", "topk_only"])
+@pytest.mark.parametrize(
+    ("student_probs", "floor", "teacher_list"),
+    [
+        ("exact", 1e-12, "all"),
+        ("topk_only", 1e-12, "all"),
+        ("exact", 0.0, "all"),
+        ("topk_only", 1e-12, "top_k"),
+    ],
+)
 @pytest.mark.parametrize(("lead", "vocab", "k", "kt", "overlap", "absent"), CASES)
-def test_token_statistics_matches_reference(lead, vocab, k, kt, overlap, absent, student_probs):
+def test_token_statistics_matches_reference(
+    lead, vocab, k, kt, overlap, absent, student_probs, floor, teacher_list
+):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((lead, vocab, k, kt, overlap)).encode()))
     logits = torch.randn(*lead, vocab, generator=gen) * 3
     ids, lps, _ = make_teacher(logits, kt, overlap, gen, absent)
-    stats = token_statistics(logits, ids, lps, k=k, student_probs=student_probs)
+    stats = token_statistics(
+        logits,
+        ids,
+        lps,
+        k=k,
+        student_probs=student_probs,
+        student_prob_floor=floor,
+        teacher_list=teacher_list,
+    )
     assert isinstance(stats, TokenStatistics)
-    assert_matches(stats, reference(logits, ids, lps, k, student_probs))
+    expected = reference(logits, ids, lps, k, student_probs, floor=floor, teacher_list=teacher_list)
+    assert_matches(stats, expected)
+
+
+def test_without_a_floor_d_is_eq_9_where_the_floor_caps_it():
+    # The teacher's favourite ids sit at e^-60 under a peaked student: the 1e-12 floor caps their log ratio.
+    logits = torch.tensor([[60.0, 0.0, 0.0, 0.0]])
+    ids, lps = torch.tensor([[1, 2]]), torch.log(torch.tensor([[0.6, 0.4]]))
+    paper = token_statistics(logits, ids, lps, k=1, student_prob_floor=0.0)
+    floored = token_statistics(logits, ids, lps, k=1)
+    expected = reference(logits, ids, lps, 1, floor=0.0)[0]
+    torch.testing.assert_close(paper.disagreement, expected, atol=1e-4, rtol=1e-6)
+    assert float(expected - floored.disagreement) > 30
 
 
 @pytest.mark.parametrize("entropy_mode", ["full", "topk"])
@@ -178,8 +219,8 @@ def test_given_student_entropy_is_returned_and_topk_mode_ignores_it():
     ids, lps, _ = make_teacher(logits, 4, "random", gen)
     given_entropy = torch.rand(3, 5, generator=gen, dtype=torch.float64)
     stats = token_statistics(logits, ids, lps, k=4, student_entropy=given_entropy)
-    assert stats.entropy.dtype == torch.float32
-    torch.testing.assert_close(stats.entropy, given_entropy.float())
+    assert stats.entropy.dtype == torch.float64
+    torch.testing.assert_close(stats.entropy, given_entropy)
     plain = token_statistics(logits, ids, lps, k=4)
     torch.testing.assert_close(stats.disagreement, plain.disagreement)
     topk = token_statistics(logits, ids, lps, k=4, student_entropy=given_entropy, entropy_mode="topk")
@@ -215,14 +256,14 @@ def test_minus_inf_student_logits_keep_entropy_finite():
     assert_matches(stats, reference(logits, ids, lps, 4))
 
 
-def test_low_precision_logits_compute_in_float32():
+def test_low_precision_logits_compute_their_log_softmax_in_float32():
     gen = torch.Generator().manual_seed(6)
     logits = (torch.randn(4, 5, 50, generator=gen) * 3).bfloat16()
     ids, lps, _ = make_teacher(logits.float(), 6, "random", gen)
     stats = token_statistics(logits, ids, lps.bfloat16(), k=6)
     expected = token_statistics(logits.float(), ids, lps.bfloat16().float(), k=6)
     for got, want in zip(stats, expected, strict=True):
-        assert got.dtype == torch.float32
+        assert got.dtype == torch.float64
         torch.testing.assert_close(got, want)
 
 
@@ -240,6 +281,9 @@ def test_inputs_that_require_grad_are_accepted():
         ({"k": 0}, "k must be"),
         ({"k": 13}, "k must be"),
         ({"student_probs": "approx"}, "student_probs"),
+        ({"student_prob_floor": -1e-12}, "student_prob_floor must be >= 0"),
+        ({"student_probs": "topk_only", "student_prob_floor": 0.0}, "needs student_prob_floor > 0"),
+        ({"teacher_list": "top_32"}, "teacher_list"),
         ({"entropy_mode": "half"}, "entropy_mode"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"student_entropy": torch.zeros(3)}, "student_entropy"),
@@ -280,7 +324,9 @@ def test_self_teacher_has_zero_disagreement_and_topk_mass_compatibility(seed, vo
     top_lp, top_ids = torch.topk(log_probs, k)
     stats = token_statistics(logits, top_ids, top_lp, k=k)
     assert stats.disagreement.abs().max().item() < 1e-5
-    torch.testing.assert_close(stats.compatibility, top_lp.exp().sum(-1).clamp(0, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        stats.compatibility, top_lp.double().exp().sum(-1).clamp(0, 1), atol=1e-6, rtol=0
+    )
 
 
 @settings(max_examples=25, deadline=None)

@@ -114,7 +114,7 @@ def make_rollout_batch() -> dict:
 def global_selection(batch: dict) -> torch.Tensor:
     """The driver's selection over the whole batch, as TA-OPD's trainer makes it (``_select``)."""
     from ta_opd_verl.batch_selection import select_rollout_batch
-    from ta_opd_verl.teachability import TokenStatistics
+    from ta_opd_verl.teachability import SelectionRules, TokenStatistics
 
     stats = TokenStatistics(batch["disagreement"], batch["compatibility"], batch["entropy"])
     mask, _ = select_rollout_batch(
@@ -123,9 +123,7 @@ def global_selection(batch: dict) -> torch.Tensor:
         [f"uid{sample:02d}_0" for sample in range(SAMPLES)],
         selector="teachability",
         ratio=RATIO,
-        min_keep_per_sample=0,
-        q_low=0.05,
-        q_high=0.95,
+        rules=SelectionRules(),
         seed=0,
         global_step=1,
     )

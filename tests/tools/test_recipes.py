@@ -171,3 +171,36 @@ def test_sweep_dry_run_lists_every_cell_and_each_builds(tmp_path):
     loss = build_like_verl(config)["distillation"].distillation_loss
     assert (loss.ta_opd.selector, loss.ta_opd.ratio, loss.ta_opd.seed) == ("entropy", 0.2, 1)
     assert config.trainer.experiment_name.endswith("entropy-r0.20-seed1")
+
+
+def test_the_paper_and_authors_code_variants_resolve_their_presets():
+    """The two variants of the Qwen3-4B -> Qwen3-1.7B recipe: each preset reaches the built config, the verl
+    keys a preset cannot set are in the recipe, and the authors' script shape is kept."""
+    built = {}
+    for variant in ("", "-paper", "-authors-code"):
+        config = compose_arguments(print_arguments(RECIPES / f"qwen3-4b-to-qwen3-1.7b{variant}.sh"))
+        built[variant] = (config, build_like_verl(config))
+    config, classes = built[""]
+    ta_opd = classes["distillation"].distillation_loss.ta_opd
+    assert (ta_opd.preset, ta_opd.min_keep_per_sample) == (None, 0)
+
+    config, classes = built["-paper"]
+    loss = classes["distillation"].distillation_loss
+    assert (loss.ta_opd.preset, loss.ta_opd.student_prob_floor, loss.loss_max_clamp) == ("paper", 0.0, None)
+    assert loss.topk == 32 and config.data.train_batch_size == 64  # the base recipe's settings otherwise
+
+    config, classes = built["-authors-code"]
+    loss = classes["distillation"].distillation_loss
+    assert (loss.ta_opd.preset, loss.ta_opd.min_keep_per_sample, loss.ta_opd.entropy_mode) == (
+        "authors_code",
+        1,
+        "topk",
+    )
+    assert (loss.topk, loss.ta_opd.k, loss.loss_max_clamp) == (16, 16, None)
+    assert "note" not in "\n".join(loss.resolved_settings())  # nothing the preset leaves to verl differs
+    assert (config.data.train_batch_size, config.actor_rollout_ref.rollout.n) == (4, 2)
+    assert classes["actor"].ppo_mini_batch_size * classes["rollout"].n == 8  # one update per step
+    assert (config.data.max_response_length, config.trainer.total_training_steps) == (64, 50)
+    assert classes["actor"].optim.weight_decay == 0.1 and list(classes["actor"].optim.betas) == [0.9, 0.98]
+    names = {variant: built[variant][0].trainer.experiment_name for variant in built}
+    assert len(set(names.values())) == 3, names  # three checkpoint folders, not one

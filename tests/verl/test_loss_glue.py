@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from verl_fixtures import compose_config, synthetic_micro_batch, ta_opd_loss_function
+from golden import golden_case, golden_vectors
+from tensordict import TensorDict
+from verl_fixtures import compose_config, nested, synthetic_micro_batch, ta_opd_loss_function
 
 from ta_opd_verl.loss import TAOPDLossFunction
 from ta_opd_verl.opd_loss import masked_aggregate, reverse_kl_on_teacher_support
@@ -184,6 +188,114 @@ def test_topk_entropy_mode_returns_the_students_top_k_entropy_from_the_processor
     data, _, _ = synthetic_micro_batch([2], [3], vocab=VOCAB, topk=TOPK)
     logits = torch.randn(1, 5, VOCAB)
     outputs = loss_fn(student_logits=logits, data=_with_phase(data, SCORE_PHASE))
-    top = torch.log_softmax(logits.topk(4, dim=-1).values, dim=-1)
-    expected = -(top.exp() * top).sum(-1) / torch.log(torch.tensor(4.0))
+    top = torch.log_softmax(torch.log_softmax(logits, dim=-1).topk(4, dim=-1).values.double(), dim=-1)
+    expected = -(top.exp() * top).sum(-1) / math.log(4.0)
     torch.testing.assert_close(outputs[TOPK_ENTROPY_FIELD], expected)
+
+
+# ---- the authors' loss (golden vectors of their code, `../shared/reference`) ----
+
+GOLDEN_LOSS_CASES = (4, 6, 11, 14, 18, 21)
+PROMPT_LENGTH = 3  # the generator's dummy prompt
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return golden_vectors()
+
+
+def _golden_micro_batch(case: dict, old: torch.Tensor):
+    """A golden loss case as verl's engine hands it to the loss: full-sequence log-probs (a leaf, for the
+    gradient) and teacher rows whose sampled-token column is the teacher's log-prob of each response
+    token; the selection in ``loss_mask``."""
+    from verl.utils import tensordict_utils as tu
+
+    lengths = case["response_lengths"].tolist()
+    selection = case["loss/loss_mask"]
+    rows = [PROMPT_LENGTH + length for length in lengths]
+    offsets = torch.tensor([0, *rows]).cumsum(0)
+    log_probs = torch.zeros(offsets[-1].item(), dtype=torch.float32)
+    teacher_logprobs = torch.zeros(offsets[-1].item(), TOPK + 1)
+    response_rows = []
+    for sample, (start, length) in enumerate(zip(offsets[:-1].tolist(), lengths, strict=True)):
+        at = torch.arange(length) + start + PROMPT_LENGTH - 1  # row P - 1 + t scores response token t
+        log_probs[at] = case["loss/current_logprobs"][sample, :length]
+        teacher_logprobs[at, TOPK] = case["teacher_sampled_logprobs"][sample, :length]
+        response_rows.append(at)
+    log_probs.requires_grad_(True)
+    data = TensorDict(
+        {
+            "prompts": nested([torch.zeros(PROMPT_LENGTH, dtype=torch.long) for _ in lengths]),
+            "responses": nested([case["sampled_ids"][b, :n].long() for b, n in enumerate(lengths)]),
+            "teacher_ids": nested([torch.zeros(n, TOPK + 1, dtype=torch.long) for n in rows]),
+            "teacher_logprobs": nested(list(teacher_logprobs.split(rows))),
+            "old_log_probs": nested([old[b, :n] for b, n in enumerate(lengths)]),
+            "response_mask": nested([torch.ones(n, dtype=torch.int64) for n in lengths]),
+            "loss_mask": nested([selection[b, :n].long() for b, n in enumerate(lengths)]),
+        },
+        batch_size=len(lengths),
+    )
+    tu.assign_non_tensor(
+        data, dp_size=1, batch_num_tokens=int(selection.sum()), global_batch_size=len(lengths)
+    )
+    model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs, offsets)}
+    return _with_phase(data, TRAIN_PHASE), model_output, log_probs, response_rows
+
+
+def _golden_loss(case: dict, policy: str, overrides: list[str]):
+    old = case["loss/current_logprobs"] if policy == "onpolicy" else case["loss/old_logprobs_offpolicy"]
+    config = compose_config(
+        "ta_opd_cpu",
+        [
+            f"distillation.distillation_loss.topk={TOPK}",
+            "distillation.distillation_loss.ta_opd.k=4",
+            "distillation.distillation_loss.ta_opd.loss=pg_k1",
+            "distillation.distillation_loss.use_policy_gradient=True",
+            *TEACHER,
+            *overrides,
+        ],
+    )
+    data, model_output, log_probs, response_rows = _golden_micro_batch(case, old)
+    loss, _ = ta_opd_loss_function(config)(data=data, model_output=model_output)
+    loss.backward()
+    gradient = torch.zeros_like(case["loss/current_logprobs"])
+    for sample, rows in enumerate(response_rows):
+        gradient[sample, : rows.numel()] = log_probs.grad[rows]
+    return loss.detach(), gradient
+
+
+# The authors_code recipe's verl key: their loss has no clamp (a preset sets ta_opd keys only).
+AUTHORS_LOSS = [
+    "distillation.distillation_loss.ta_opd.preset=authors_code",
+    "distillation.distillation_loss.loss_max_clamp=null",
+]
+
+
+@pytest.mark.parametrize("policy", ["onpolicy", "offpolicy"])
+@pytest.mark.parametrize("index", GOLDEN_LOSS_CASES)
+def test_authors_code_preset_reproduces_the_authors_loss_and_gradient(golden, index, policy):
+    """Advantage from the OLD log-prob, the plain PPO clip 0.2 / 0.28, no clamp, the mean over samples of
+    each sample's token mean (rule 13): their float32 loss and its gradient in the current log-probs."""
+    case = golden_case(golden, index)
+    loss, gradient = _golden_loss(case, policy, AUTHORS_LOSS)
+    torch.testing.assert_close(loss, case[f"loss/{policy}/loss"], rtol=1.2e-7, atol=1.2e-7)
+    torch.testing.assert_close(
+        gradient, case[f"loss/{policy}/grad_current_logprobs"], rtol=1.2e-7, atol=1.2e-7
+    )
+
+
+def test_verls_conventions_give_another_loss_off_policy_only(golden):
+    """Without the preset (advantage from the current log-prob, verl's dual clip): the same loss on-policy,
+    another one as soon as the old policy differs."""
+    case = golden_case(golden, 6)  # a position whose ratio passes 3 with a negative advantage
+    seq_mean = ["distillation.distillation_loss.ta_opd.aggregation=seq-mean-token-mean"]
+    verl_like = seq_mean + ["distillation.distillation_loss.loss_max_clamp=null"]
+    on_policy, _ = _golden_loss(case, "onpolicy", verl_like)
+    torch.testing.assert_close(on_policy, case["loss/onpolicy/loss"], rtol=1e-6, atol=1e-6)
+    off_policy, _ = _golden_loss(case, "offpolicy", verl_like)
+    assert abs(off_policy.item() - case["loss/offpolicy/loss"].item()) > 1e-3
+    for key in ("advantage_logprob=old", "dual_clip=false"):  # each one alone is not enough
+        alone, _ = _golden_loss(
+            case, "offpolicy", verl_like + [f"distillation.distillation_loss.ta_opd.{key}"]
+        )
+        assert abs(alone.item() - case["loss/offpolicy/loss"].item()) > 1e-3, key

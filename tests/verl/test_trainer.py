@@ -15,7 +15,7 @@ from verl_fixtures import InMemoryTransferQueue, nested
 from ta_opd_verl.batch_selection import load_selection_dump, select_rollout_batch, stable_sample_ids
 from ta_opd_verl.config import TAOPDConfig
 from ta_opd_verl.protocol import COMPATIBILITY_FIELD, DISAGREEMENT_FIELD
-from ta_opd_verl.teachability import TokenStatistics
+from ta_opd_verl.teachability import SelectionRules, TokenStatistics
 from ta_opd_verl.teachers import ServerTeacher
 from ta_opd_verl.trainer import TAOPDTrainer
 
@@ -50,10 +50,10 @@ def _batch_fields(generator: torch.Generator) -> dict:
     return {name: nested(rows) for name, rows in fields.items()}
 
 
-def _trainer(tmp_path, ratio: float) -> TAOPDTrainer:
+def _trainer(tmp_path, ratio: float, **settings) -> TAOPDTrainer:
     trainer = object.__new__(TAOPDTrainer)
     trainer.teacher = ServerTeacher()
-    trainer.ta_opd = TAOPDConfig(ratio=ratio, k=TOPK, selection_dump_dir=str(tmp_path / "dump"))
+    trainer.ta_opd = TAOPDConfig(ratio=ratio, k=TOPK, selection_dump_dir=str(tmp_path / "dump"), **settings)
     trainer.loss_config = SimpleNamespace(topk=TOPK)
     trainer.global_steps = 3
     return trainer
@@ -73,8 +73,8 @@ def test_the_update_gets_the_global_selection_over_real_rows_only(tmp_path, monk
     )
     sample_ids = stable_sample_ids(["0_0", "0_1", "0_0", "0_0"], [row.tolist() for row in fields["prompts"]])
     expected, _ = select_rollout_batch(
-        stats, valid, sample_ids, selector="teachability", ratio=0.25, min_keep_per_sample=0,
-        q_low=0.05, q_high=0.95, seed=0, global_step=3,
+        stats, valid, sample_ids, selector="teachability", ratio=0.25, rules=SelectionRules(),
+        seed=0, global_step=3,
     )  # fmt: skip
     assert torch.equal(written, expected)
     assert not written[3].any(), "batch balancing's padding row was selected"
@@ -100,3 +100,74 @@ def test_the_sampled_token_outside_the_teachers_top_k_is_counted(tmp_path, monke
         total += r
     assert metrics["actor/ta_opd/sampled_outside_teacher_topk"] == outside / total
     assert metrics["actor/ta_opd/teacher_is_fsdp"] == 0.0
+
+
+def test_the_authors_normalisation_runs_over_every_response_position(tmp_path, monkeypatch):
+    """normalize_over=response: the quantiles take in the positions the response mask leaves out (a tool
+    output, say); the selection still only keeps positions the mask allows."""
+    fields = _batch_fields(torch.Generator().manual_seed(2))
+    masks = [row.clone() for row in fields["response_mask"].unbind()]
+    masks[1][1:3] = 0
+    fields["response_mask"] = nested(masks)
+    # Outliers at the two left-out positions: they set the upper quantile only when they count.
+    disagreement = [row.clone() for row in fields[DISAGREEMENT_FIELD].unbind()]
+    disagreement[1][1:3] = 50.0
+    fields[DISAGREEMENT_FIELD] = nested(disagreement)
+    stats = TokenStatistics(
+        *(fields[name].to_padded_tensor(0.0) for name in (DISAGREEMENT_FIELD, COMPATIBILITY_FIELD, "entropy"))
+    )
+    sample_ids = stable_sample_ids(["0_0", "0_1", "0_0", "0_0"], [row.tolist() for row in fields["prompts"]])
+    valid = fields["response_mask"].to_padded_tensor(0).bool()
+    valid[3] = False
+    population = fields["response_mask"].to_padded_tensor(-1) >= 0
+    population[3] = False
+    written = {}
+    for over in ("valid", "response"):
+        queue = InMemoryTransferQueue(dict(fields)).install(monkeypatch)
+        trainer = _trainer(tmp_path, ratio=0.5, normalize_over=over, selector="tip")
+        trainer._select(KVBatchMeta(keys=KEYS, tags=TAGS, partition_id="train"), {})
+        written[over] = queue.fields["loss_mask"].to_padded_tensor(0).bool()
+        expected, _ = select_rollout_batch(
+            stats,
+            valid,
+            sample_ids,
+            selector="tip",
+            ratio=0.5,
+            rules=trainer.ta_opd.selection_rules(),
+            seed=0,
+            global_step=3,
+            population=population if over == "response" else None,
+        )
+        assert torch.equal(written[over], expected), over
+        assert not (written[over] & ~valid).any()
+    assert not torch.equal(written["valid"], written["response"])
+
+
+def test_setup_prints_and_logs_the_resolved_settings_once(monkeypatch, capsys, caplog):
+    """What the preset and the explicit keys resolved to, printed once when the trainer starts; the loss
+    callable the workers get carries the same settings."""
+    from ta_opd_verl import trainer as trainer_module
+    from ta_opd_verl.config import TAOPDDistillationLossConfig
+
+    loss_config = TAOPDDistillationLossConfig(
+        loss_mode="k1", topk=16, ta_opd=TAOPDConfig(preset="authors_code", min_keep_per_sample=2)
+    )
+    monkeypatch.setattr(trainer_module.PPOTrainerSync, "_setup", lambda self: None)
+    monkeypatch.setattr(
+        trainer_module,
+        "distillation_dataclass",
+        lambda config: SimpleNamespace(distillation_loss=loss_config),
+    )
+    monkeypatch.setattr(trainer_module, "actor_dataclass", lambda config: None)
+    sent = []
+    trainer = object.__new__(TAOPDTrainer)
+    trainer.config, trainer.teacher = None, ServerTeacher()
+    trainer.actor_rollout_wg = SimpleNamespace(set_loss_fn=sent.append)
+    with caplog.at_level("INFO", logger="ta_opd_verl"):
+        trainer._setup()
+    printed = capsys.readouterr().out
+    assert printed.count("distillation.distillation_loss.ta_opd (preset: authors_code):") == 1
+    assert "min_keep_per_sample: 2  [set]" in printed and "note: " in printed  # loss_max_clamp=10
+    assert printed.strip() in caplog.text
+    (loss_fn,) = sent
+    assert loss_fn.settings.min_keep_per_sample == 2 and loss_fn.settings.advantage_logprob == "old"
