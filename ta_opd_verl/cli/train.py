@@ -142,6 +142,12 @@ def keep_file_logger(overrides: list[str]) -> tuple[list[str], list[str]]:
     return kept, loggers
 
 
+def main_ppo_command(config_name: str, overrides: list[str]) -> list[str]:
+    """``python -m verl.trainer.main_ppo`` in this interpreter with one of our configs and overrides."""
+    main_ppo = [sys.executable, "-m", "verl.trainer.main_ppo"]
+    return [*main_ppo, "--config-path", config_dir(), "--config-name", config_name, *overrides]
+
+
 def run_verl(
     config_name: str,
     overrides: list[str],
@@ -165,18 +171,14 @@ def run_verl(
         print(f"[ta-opd] metrics: {metrics_path}; verl's log: {out_dir / LOG_FILE}", flush=True)
         if "tensorboard" in loggers:
             print(f"[ta-opd] TensorBoard: {env['TENSORBOARD_DIR']}", flush=True)
-    command = [
-        sys.executable,
-        "-m",
-        "verl.trainer.main_ppo",
-        "--config-path",
-        config_dir(),
-        "--config-name",
+    command = main_ppo_command(
         config_name,
-        f"trainer.default_local_dir={out_dir / 'checkpoints'}",
-        f"hydra.run.dir={out_dir / 'hydra'}",
-        *overrides,
-    ]
+        [
+            f"trainer.default_local_dir={out_dir / 'checkpoints'}",
+            f"hydra.run.dir={out_dir / 'hydra'}",
+            *overrides,
+        ],
+    )
     result = supervise(command, out_dir, env, timeout=timeout, progress=progress)
     if progress and result.returncode != 0:
         reason = failure_reason(result.log_path.read_text(errors="replace"))

@@ -26,7 +26,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ta_opd_verl.cli.train import _MemoryWatch, config_dir, cpu_environment, tiny_pair_overrides
+from ta_opd_verl.cli.train import (
+    _MemoryWatch,
+    cpu_environment,
+    main_ppo_command,
+    tiny_pair_overrides,
+)
 from ta_opd_verl.cpu import CPU_ENVIRONMENT
 
 pytestmark = pytest.mark.e2e
@@ -266,25 +271,21 @@ def test_ta_opd_job_runs_on_a_two_node_cluster(two_node_cluster, tmp_path):
 
     cluster = two_node_cluster
     metrics_path = tmp_path / "metrics.jsonl"
-    entrypoint = [
-        sys.executable,
-        "-m",
-        "verl.trainer.main_ppo",
-        "--config-path",
-        config_dir(),
-        "--config-name",
+    entrypoint = main_ppo_command(
         "ta_opd_cpu",
-        *tiny_pair_overrides(build_tiny_pair()),
-        # The job joins a running cluster: its resources were declared by `ray start`.
-        "ray_kwargs.ray_init.num_cpus=null",
-        "ray_kwargs.ray_init.num_gpus=null",
-        f"trainer.total_training_steps={STEPS}",
-        "trainer.val_before_train=false",
-        "trainer.test_freq=-1",
-        f"trainer.default_local_dir={tmp_path / 'checkpoints'}",
-        f"hydra.run.dir={tmp_path / 'hydra'}",
-        f"distillation.distillation_loss.ta_opd.ratio={RATIO}",
-    ]
+        [
+            *tiny_pair_overrides(build_tiny_pair()),
+            # The job joins a running cluster: its resources were declared by `ray start`.
+            "ray_kwargs.ray_init.num_cpus=null",
+            "ray_kwargs.ray_init.num_gpus=null",
+            f"trainer.total_training_steps={STEPS}",
+            "trainer.val_before_train=false",
+            "trainer.test_freq=-1",
+            f"trainer.default_local_dir={tmp_path / 'checkpoints'}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+            f"distillation.distillation_loss.ta_opd.ratio={RATIO}",
+        ],
+    )
     submission_id = f"ta-opd-multinode-{os.getpid()}"
     subprocess.run(
         [

@@ -142,12 +142,10 @@ def refused_main_ppo(config_name: str, overrides: list[str], run_dir: Path) -> t
     """Run ``python -m verl.trainer.main_ppo`` with one of our configs on the CPU runtime, expecting a
     refusal: (exit status, stdout + stderr), after checking that Ray never started."""
     import subprocess
-    import sys
 
-    from ta_opd_verl.cli.train import cpu_environment
+    from ta_opd_verl.cli.train import cpu_environment, main_ppo_command
 
-    command = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(CONF_DIR)]
-    command += ["--config-name", config_name, *overrides, f"hydra.run.dir={run_dir / 'hydra'}"]
+    command = main_ppo_command(config_name, [*overrides, f"hydra.run.dir={run_dir / 'hydra'}"])
     result = subprocess.run(
         command, capture_output=True, text=True, env=cpu_environment(), cwd=run_dir, timeout=300
     )
