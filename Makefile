@@ -7,15 +7,23 @@ STAMP := $(VENV)/.setup-done
 # Seconds-bounded unit tests first, then the end-to-end runs through verl's real trainer.
 PYTEST_ARGS ?=
 
-.PHONY: help setup pair test lint unit e2e demo bench lock clean
+.PHONY: help setup pair chromium test lint unit e2e demo bench recipes-cpu lock clean
 
 help:
-	@echo "make setup  - create .venv (Python 3.11) with the pinned CPU stack and this package, build the tiny pair"
+	@echo "make setup  - create .venv (Python 3.11) with the pinned CPU stack and this package, build the tiny pair, install chromium"
 	@echo "make test   - lint + all tests, end-to-end runs of verl's trainer on CPU included"
 	@echo "make demo   - TA-OPD on the tiny pair through verl's trainer; report under outputs/demo/"
 	@echo "make lint   - ruff check + ruff format --check + hadolint"
+	@echo "make recipes-cpu - every recipe for real on CPU on the shrunken real models (about an hour)"
 
-setup: $(STAMP) pair
+setup: $(STAMP) pair chromium
+
+# Debian's chromium, when missing: the test of `ta-opd show-selection` opens its page in a headless browser.
+chromium:
+	@command -v chromium >/dev/null || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get install -y --no-install-recommends chromium \
+		|| { $$sudo apt-get update && $$sudo apt-get install -y --no-install-recommends chromium; }; }
 
 # The tiny teacher/student pair the demo and the tests run on (about 4 minutes on 2 cores, then a cache hit
 # of a second): built here so that `make demo` on a set-up machine is the demo alone.
@@ -54,6 +62,11 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m ta_opd_verl.bench scoring
+
+# Every recipe under recipes/ for real on the CPU, both teachers, 3 steps each, on the shrunken real
+# models (built on first use): about an hour on 2 cores. Table: outputs/recipe-cpu/table.md.
+recipes-cpu: setup
+	$(BIN)/ta-opd recipe-cpu --all
 
 # Re-pin after changing dependencies: a fresh environment without constraints, then freeze it.
 lock:

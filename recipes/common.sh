@@ -10,13 +10,18 @@
 # any Hydra override can follow the script's name (`bash recipes/<pair>.sh trainer.total_training_steps=50`).
 # Each default says where it comes from: `# paper` (arXiv 2605.26844 states it) or `# our default`.
 #
-# TA_OPD_PRINT_OVERRIDES=1 prints the trainer's arguments one per line instead of running it (used by
-# tests/tools/test_recipes.py to check every recipe against verl's config classes without a GPU).
+# TA_OPD_PRINT_OVERRIDES=1 prints the command instead of running it, as one line a shell can run
+# (`eval "$(TA_OPD_PRINT_OVERRIDES=1 bash recipes/<pair>.sh)"`) and Python's shlex.split can read
+# (tests/tools/test_recipes.py checks every recipe that way against verl's config classes without a GPU).
+# Either way the variables are checked first (recipes/checks.sh): a refused value prints one line naming
+# it and exits with status 2, and nothing is run or printed as a command.
 
 RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # ---- user-adjustable: where things are ----
-: "${PYTHON:=python3}"
+# PYTHON: the interpreter that runs verl; default: the clone's .venv, else python3 (recipes/checks.sh).
+# shellcheck source-path=SCRIPTDIR source=checks.sh
+source "$RECIPES_DIR/checks.sh"
 # The clone's Hydra configs; from an installed wheel use CONF=pkg://ta_opd_verl.conf.
 : "${CONF:=$(cd "$RECIPES_DIR/../conf" && pwd)}"
 # Local model folders (`hf download Qwen/Qwen3-1.7B --local-dir "$MODEL_DIR/Qwen3-1.7B"`): the pre-flight
@@ -70,6 +75,18 @@ RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 : "${PROJECT_NAME:=ta_opd}"
 : "${EXPERIMENT:=${TEACHER_NAME}-to-${STUDENT_NAME}${PRESET:+-$PRESET}-${SELECTOR}-r${RATIO}-seed${SEED}}"
+
+# ---- checked before anything is printed or run ----
+require_ratio RATIO "$RATIO"
+require_non_negative_integer SEED "$SEED"
+for name in K TEACHER_TOPK ROLLOUT_N TRAIN_BATCH_SIZE PPO_MINI_BATCH_SIZE MAX_PROMPT_LENGTH \
+    MAX_RESPONSE_LENGTH TOTAL_EPOCHS NNODES STUDENT_GPUS ROLLOUT_TP TEACHER_NNODES TEACHER_GPUS TEACHER_TP; do
+    require_positive_integer "$name" "${!name}"
+done
+[[ -z "$TOTAL_STEPS" ]] || require_positive_integer TOTAL_STEPS "$TOTAL_STEPS"
+[[ -z "$MIN_KEEP_PER_SAMPLE" ]] || require_non_negative_integer MIN_KEEP_PER_SAMPLE "$MIN_KEEP_PER_SAMPLE"
+ask_python_for_selectors
+require_selector SELECTOR "$SELECTOR"
 
 # Dynamic batching packs micro-batches by tokens: two full-length sequences per GPU forward.
 MAX_TOKENS_PER_GPU=$(((MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2))
@@ -150,10 +167,13 @@ fi
 # shellcheck disable=SC2034
 overrides=("${MODEL[@]}" "${DATA[@]}" "${ACTOR[@]}" "${ROLLOUT[@]}" "${DISTILLATION[@]}" "${TRAINER[@]}")
 
-# Run a command, or with TA_OPD_PRINT_OVERRIDES=1 print its arguments (not the program) one per line.
+# Run a command, or with TA_OPD_PRINT_OVERRIDES=1 print it whole on one line, each word quoted by
+# printf %q: `eval` runs the same argv, and shlex.split reads it back.
 ta_opd_run() {
     if [[ "${TA_OPD_PRINT_OVERRIDES:-0}" == 1 ]]; then
-        printf '%s\n' "${@:2}"
+        local line
+        printf -v line '%q ' "$@"
+        printf '%s\n' "${line% }"
         return 0
     fi
     exec "$@"

@@ -10,9 +10,15 @@
 # position) ignores the budget and runs once per seed. Each run has its own experiment name (selector,
 # budget, seed), hence its own checkpoint folder: rerunning the sweep after an interruption resumes each
 # run from its last checkpoint (verl's trainer.resume_mode=auto). Overrides after `--` go to every run.
+# Every selector, budget and seed is checked before the first run (recipes/checks.sh): one refused value
+# prints one line naming it and exits with status 2, running and printing nothing.
 set -euo pipefail
+# SELECTORS, RATIOS and SEEDS are split at spaces, never expanded as file patterns.
+set -o noglob
 
 RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=checks.sh
+source "$RECIPES_DIR/checks.sh"
 
 # ---- user-adjustable (the environment overrides each value) ----
 : "${SELECTORS:=teachability entropy raw_kl tip random}"  # the paper's selectors at equal budget
@@ -37,6 +43,19 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -f "$recipe" ]] || { echo "$0: no recipe at $recipe" >&2; exit 2; }
 
+for ratio in $RATIOS; do
+    require_ratio RATIOS "$ratio"
+done
+for seed in $SEEDS; do
+    require_non_negative_integer SEEDS "$seed"
+done
+[[ "$BASELINE_FULL" == 0 || "$BASELINE_FULL" == 1 ]] ||
+    refuse_value BASELINE_FULL "$BASELINE_FULL" "1 (also run \`full\` once per seed) or 0"
+ask_python_for_selectors
+for selector in $SELECTORS; do
+    require_selector SELECTORS "$selector"
+done
+
 runs=()
 for seed in $SEEDS; do
     if [[ "$BASELINE_FULL" == 1 ]]; then
@@ -49,6 +68,7 @@ for seed in $SEEDS; do
     done
 done
 
+[[ ${#runs[@]} -gt 0 ]] || refuse "nothing to run: SEEDS, or SELECTORS or RATIOS with BASELINE_FULL=0, is empty"
 for run in "${runs[@]}"; do
     read -r selector ratio seed <<<"$run"
     command=(env SELECTOR="$selector" RATIO="$ratio" SEED="$seed" bash "$recipe" "$@")

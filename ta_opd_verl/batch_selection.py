@@ -3,6 +3,7 @@ step's metrics out. Torch only (no verl), so the rule is testable without Ray.""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from ta_opd_verl.teachability import (
     batch_normalize,
     masked_quantiles,
     select_positions,
+    selector_scores,
 )
 
 METRIC_PREFIX = "actor/ta_opd/"
@@ -186,6 +188,150 @@ def load_selection_dump(folder: Path) -> dict[int, list[dict]]:
         lines = path.read_text().splitlines()
         steps[int(path.stem.removeprefix("step_"))] = [json.loads(line) for line in lines if line.strip()]
     return steps
+
+
+# What a step's dump holds besides its `selection_records`, for `ta-opd show-selection`: per position the
+# normalised statistics and the selector's score (`normalised_scores`), and per step a header file.
+NORMALISED_SUFFIX = "_norm"
+SCORE_FIELD = "score"
+HEADER_FILE = "step_{}.header.json"
+
+
+def normalised_scores(
+    stats: TokenStatistics,
+    valid: torch.Tensor,
+    sample_ids: list[str],
+    *,
+    selector: str,
+    rules: SelectionRules,
+    seed: int,
+    global_step: int,
+    population: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per position (float64 ``[B, T]``, rows in the caller's order), as `selection_records` extras: D̃,
+    C̃, H̃ (Eq. 11 over ``population``, default ``valid``) as ``disagreement_norm`` etc., and under
+    ``score`` what ``selector`` ranked by (`selector_scores`, with the random draws of
+    `select_rollout_batch` at the same seed and step)."""
+    population = valid if population is None else population
+    order = torch.tensor(stable_sample_order(sample_ids), dtype=torch.long)
+    ordered = TokenStatistics(*(field[order] for field in stats))
+    score = torch.empty_like(valid, dtype=torch.float64)
+    score[order] = selector_scores(
+        selector,
+        ordered,
+        valid[order],
+        rules=rules,
+        generator=step_generator(seed, global_step),
+        population=population[order],
+    )
+    normalised = {
+        name + NORMALISED_SUFFIX: batch_normalize(
+            values, population, rules.q_low, rules.q_high, no_spread=rules.no_spread
+        )
+        for name, values in stats._asdict().items()
+    }
+    return normalised | {SCORE_FIELD: score}
+
+
+def selection_header(
+    stats: TokenStatistics,
+    valid: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    selector: str,
+    ratio: float,
+    rules: SelectionRules,
+    seed: int,
+    global_step: int,
+    population: torch.Tensor | None = None,
+) -> dict:
+    """A step's settings and batch figures, JSON-ready: the selector, ρ, the rules, the kept and valid
+    position counts, and D, C, H at the quantile levels q_low, 0.5 and q_high over the normalisation
+    population (the bounds of Eq. 11 and the median)."""
+    population = valid if population is None else population
+    valid = valid.bool()
+    levels = (rules.q_low, 0.5, rules.q_high)
+    quantiles = {}
+    if bool(population.any()):
+        quantiles = {
+            name: masked_quantiles(values, population, levels) for name, values in stats._asdict().items()
+        }
+    kept, n_valid = int((mask.bool() & valid).sum()), int(valid.sum())
+    return {
+        "step": global_step,
+        "selector": selector,
+        "ratio": ratio,
+        "seed": seed,
+        "rules": dataclasses.asdict(rules),
+        "kept_positions": kept,
+        "valid_positions": n_valid,
+        "kept_fraction": kept / max(n_valid, 1),
+        "population_positions": int(population.sum()),
+        "quantile_levels": list(levels),
+        "quantiles": quantiles,
+    }
+
+
+def selection_dump(
+    sample_ids: list[str],
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    stats: TokenStatistics,
+    valid: torch.Tensor,
+    mask: torch.Tensor,
+    extra: dict[str, torch.Tensor] | None = None,
+    *,
+    selector: str,
+    ratio: float,
+    rules: SelectionRules,
+    seed: int,
+    global_step: int,
+    population: torch.Tensor | None = None,
+) -> tuple[list[dict], dict]:
+    """One step of `ta_opd.selection_dump_dir`: the `selection_records` with ``extra`` and the
+    `normalised_scores` per position, and the `selection_header`. The keywords are `select_rollout_batch`'s
+    for the selection ``mask`` it made."""
+    scores = normalised_scores(
+        stats,
+        valid,
+        sample_ids,
+        selector=selector,
+        rules=rules,
+        seed=seed,
+        global_step=global_step,
+        population=population,
+    )
+    records = selection_records(
+        sample_ids, prompt_ids, response_ids, stats, valid, mask, (extra or {}) | scores
+    )
+    header = selection_header(
+        stats,
+        valid,
+        mask,
+        selector=selector,
+        ratio=ratio,
+        rules=rules,
+        seed=seed,
+        global_step=global_step,
+        population=population,
+    )
+    return records, header
+
+
+def write_selection_dump(folder: Path, step: int, records: list[dict], header: dict) -> None:
+    """One step's `selection_records` as ``folder/step_<N>.jsonl`` and its `selection_header` (plus what
+    the caller adds, such as the student's model path) as ``folder/step_<N>.header.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"step_{step}.jsonl", "w") as out:
+        out.writelines(json.dumps(record) + "\n" for record in records)
+    (folder / HEADER_FILE.format(step)).write_text(json.dumps(header, indent=1) + "\n")
+
+
+def load_selection_header(folder: Path, step: int) -> dict | None:
+    """The ``step_<N>.header.json`` of a dump; None for a dump written before headers were."""
+    path = Path(folder) / HEADER_FILE.format(step)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # The actor workers' side of a selection dump: what each update micro-batch trained on.

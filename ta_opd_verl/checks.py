@@ -22,10 +22,11 @@ from transformers import AutoTokenizer
 
 from ta_opd_verl.config import TAOPDConfigError, TAOPDDistillationLossConfig
 from ta_opd_verl.plugin_loading import require_plugin
+from ta_opd_verl.special_tokens import SPECIAL_TOKEN_MAP_KEY, SpecialTokenMismatchError
 from ta_opd_verl.teachers import resolve_teacher
 from ta_opd_verl.teachers.base import STUDENT_PATH_KEY
 from ta_opd_verl.verl_fence.config import omega_conf_to_dataclass
-from ta_opd_verl.vocab import VocabularyMismatchError, check_embedding_matches_config, check_same_vocabulary
+from ta_opd_verl.vocab import VocabularyMismatchError, check_embedding_matches_config, check_pair
 
 __all__ = ["PreflightCallback", "TAOPDConfigError", "check_model_paths", "check_ta_opd_config"]
 
@@ -112,10 +113,15 @@ def _build_loss_config(config: DictConfig) -> TAOPDDistillationLossConfig:
         raise TAOPDConfigError(str(error.__cause__ or error)) from None
 
 
-def check_model_paths(config: DictConfig) -> None:
-    """The student's and the teacher's model folders exist and share a vocabulary (the teacher says which
-    folders it reads: `ta_opd_verl.teachers.base.Teacher.model_paths`)."""
+def check_model_paths(config: DictConfig) -> list[str]:
+    """The student's and the teacher's model folders exist, share a vocabulary and, where their added
+    tokens differ, have the special-token map `SPECIAL_TOKEN_MAP_KEY` asks for (the teacher says which
+    folders it reads: `ta_opd_verl.teachers.base.Teacher.model_paths`). Returns what the user should be
+    told once: each teacher's derived map, and prompt tokens the teacher reads as other tokens."""
     student = _select(config, STUDENT_PATH_KEY)
+    special_token_map = _select(config, SPECIAL_TOKEN_MAP_KEY, "auto")
+    if isinstance(special_token_map, DictConfig):
+        special_token_map = OmegaConf.to_container(special_token_map)
     paths = {STUDENT_PATH_KEY: student, **resolve_teacher(config).model_paths(config)}
     for key, path in paths.items():
         if path is None or not (Path(str(path)) / "config.json").is_file():
@@ -123,13 +129,18 @@ def check_model_paths(config: DictConfig) -> None:
                 f"{key}={path!r} is not a model folder: a Hugging Face folder with config.json is accepted "
                 "(this check needs local folders; download hub models first)"
             )
+    notes = []
     for key, path in paths.items():
         try:
-            check_embedding_matches_config(path)
-            if key != STUDENT_PATH_KEY:
-                check_same_vocabulary(student, path)
-        except VocabularyMismatchError as error:
-            raise VocabularyMismatchError(f"{key}: {error}") from None
+            if key == STUDENT_PATH_KEY:
+                check_embedding_matches_config(path)
+                continue
+            pair = check_pair(student, path, special_token_map)
+        except (VocabularyMismatchError, SpecialTokenMismatchError) as error:
+            raise type(error)(f"{key}: {error}") from None
+        if pair.token_map is not None:
+            notes += [f"{key}: {line}" for line in pair.summary()]
+    return notes
 
 
 def _data_files(config: DictConfig, key: str) -> list[str]:
@@ -201,7 +212,7 @@ def refuse_before_start(check, config: DictConfig) -> None:
     so a failed check exits with ``SystemExit(2)``, which Hydra does not catch."""
     try:
         check(config)
-    except (ValueError, OSError) as error:  # ours: TAOPDConfigError, vocabulary and head-size errors
+    except (ValueError, OSError) as error:  # ours: TAOPDConfigError, vocabulary, special-token, head size
         print(f"ta-opd: configuration refused before start-up: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
@@ -215,8 +226,7 @@ def _preflight(config: DictConfig) -> None:
     if _select(config, "trainer.v1.trainer_mode") == "ta_opd" or _select(config, LOSS_MODE_KEY) == "ta_opd":
         check_ta_opd_config(config)
     if _select(config, "distillation.enabled", False):
-        check_model_paths(config)
-        for note in check_data_files(config):
+        for note in check_model_paths(config) + check_data_files(config):
             print(f"ta-opd: {note}", file=sys.stderr, flush=True)
 
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
+from ta_opd_verl.special_tokens import special_token_map_error
 from ta_opd_verl.teachability import (
     BUDGET_ROUNDINGS,
     DEFAULT_PROB_FLOOR,
@@ -48,7 +50,10 @@ TA_OPD_KEY = f"{KEY_PREFIX}.ta_opd"
 COMPATIBILITY_MODES = ("exact", "lower_bound")
 TEACHERS = ("server", "fsdp")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
-LOSSES = ("pg_k1", "reverse_kl_topk")
+LOSSES = ("pg_k1", "reverse_kl_topk", "reverse_kl_topk_tail", "reverse_kl_full")
+# The losses whose per-position value the update's forward computes from the student's full logits (verl's
+# logits processor, `ta_opd_verl.loss`); pg_k1 needs only the log-probs.
+LOGITS_LOSSES = ("reverse_kl_topk", "reverse_kl_topk_tail", "reverse_kl_full")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 NORMALIZE_OVER = ("valid", "response")
 ADVANTAGE_LOGPROBS = ("current", "old")
@@ -197,7 +202,11 @@ class TAOPDConfig(BaseConfig):
         authors' code; it differs only where N·ρ rounds across an integer).
     loss (str):
         OPD loss on the selected positions: `pg_k1` (sampled-token advantage in a PPO-clipped policy
-        gradient, the paper's runs) or `reverse_kl_topk` (reverse KL on the teacher's top-k).
+        gradient, the paper's runs), `reverse_kl_topk` (reverse KL with both distributions renormalised
+        on the teacher's top-k), `reverse_kl_topk_tail` (reverse KL on the teacher's top-k plus one tail
+        bucket holding each distribution's remaining mass: a lower bound of the full KL), or
+        `reverse_kl_full` (the exact reverse KL over the whole vocabulary: `teacher=fsdp` only). See
+        `ta_opd_verl.opd_loss`.
     aggregation (str):
         verl's loss aggregation over the selected positions: `token-mean` (paper Eq. 7) or
         `seq-mean-token-mean`.
@@ -214,6 +223,12 @@ class TAOPDConfig(BaseConfig):
     selection_dump_dir (str | None):
         When set, the driver writes `step_<N>.jsonl` there every step: per sample its stable id, response
         token ids, selected positions and D, C, H per position (to inspect what TA-OPD trains on).
+    special_token_map (str | dict):
+        How the student's added tokens (end of turn, end of text) pair with a teacher whose added tokens
+        differ (DeepSeek-R1-Distill-Qwen teaching Qwen2.5): `auto` (default: by role, then by exact string),
+        `none`, or an explicit mapping `{student_id: teacher_id}`. Pairs whose tokens agree (the Qwen3
+        pairs) need none. The pre-flight check refuses a pair whose differing response tokens the map
+        leaves out; the teachers do not apply the map yet. See `ta_opd_verl.special_tokens`.
     """
 
     selector: str = "teachability"
@@ -244,6 +259,8 @@ class TAOPDConfig(BaseConfig):
     dual_clip: bool | None = None
     seed: int = 0
     selection_dump_dir: str | None = None
+    # `auto`, `none` or a mapping; OmegaConf's typed merge accepts no union of a string and a container.
+    special_token_map: Any = "auto"
 
     def __post_init__(self):
         self._resolve_preset()
@@ -294,6 +311,9 @@ class TAOPDConfig(BaseConfig):
             _reject("seed", "an integer", self.seed)
         if self.selection_dump_dir is not None and not isinstance(self.selection_dump_dir, str):
             _reject("selection_dump_dir", "a folder path or null", self.selection_dump_dir)
+        special_token_map_problem = special_token_map_error(self.special_token_map)
+        if special_token_map_problem is not None:
+            _reject("special_token_map", special_token_map_problem, self.special_token_map)
         if self.teacher == "fsdp" and not (isinstance(self.teacher_path, str) and self.teacher_path):
             _reject("teacher_path", "the teacher's Hugging Face folder with teacher=fsdp", self.teacher_path)
         if self.teacher == "server" and self.teacher_path is not None:

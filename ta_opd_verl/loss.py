@@ -11,11 +11,13 @@ from typing import Any
 import torch
 
 from ta_opd_verl.batch_selection import trained_position_records, write_trained_positions
+from ta_opd_verl.config import LOGITS_LOSSES
 from ta_opd_verl.opd_loss import (
     clipped_policy_loss,
     masked_aggregate,
     masked_mean,
     reverse_kl_on_teacher_support,
+    reverse_kl_topk_tail,
 )
 from ta_opd_verl.protocol import (
     PHASE_KEY,
@@ -64,28 +66,47 @@ class TAOPDLossFunction:
         if student_logits is not None:
             if phase == SCORE_PHASE:
                 return self.teacher.score_micro_batch(self, student_logits, data)
-            return {REVERSE_KL_FIELD: self.reverse_kl_on_teacher_rows(student_logits, data)}
+            return {REVERSE_KL_FIELD: self.update_reverse_kl(student_logits, data)}
         if phase == SCORE_PHASE:
             return torch.zeros((), device=model_output["log_probs"].values().device), {}
         return self.training_loss(model_output, data)
 
-    def reverse_kl_on_teacher_rows(self, student_logits: torch.Tensor, data) -> torch.Tensor:
-        """The update's processor with ``loss=reverse_kl_topk``: per position, the reverse KL on the
-        teacher's top-K ids of this micro-batch's teacher rows."""
+    def update_reverse_kl(self, student_logits: torch.Tensor, data) -> torch.Tensor:
+        """The update's processor (a loss of `LOGITS_LOSSES`): the loss's per-position reverse KL, ``(1,
+        nnz)`` for this rank's ``(1, nnz, V)`` student logits. ``reverse_kl_topk`` at every position;
+        ``reverse_kl_topk_tail`` and ``reverse_kl_full`` at the selected positions only (0 elsewhere, where
+        the loss does not read it), so their vocabulary-wide work scales with the selection."""
+        if self.settings.loss == "reverse_kl_topk":
+            top_ids, top_logprobs = self._teacher_top_entries(data)
+            return reverse_kl_on_teacher_support(student_logits[0], top_ids, top_logprobs).unsqueeze(0)
+        rows = selected_packed_rows(data)
+        student_rows = student_logits[0, rows]
+        if self.settings.loss == "reverse_kl_topk_tail":
+            top_ids, top_logprobs = self._teacher_top_entries(data)
+            values = reverse_kl_topk_tail(student_rows, top_ids[rows], top_logprobs[rows])
+        else:
+            values = self.teacher.reverse_kl_full(self, student_rows, data, rows)
+        per_token = values.new_zeros(student_logits.shape[1])
+        return per_token.index_put((rows,), values).unsqueeze(0)
+
+    def _teacher_top_entries(self, data) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's teacher rows of the micro-batch: the top-K ids and log-probs, ``[nnz, K]`` each."""
         teacher_ids = data[TEACHER_IDS_FIELD].values().unsqueeze(0)
         teacher_logprobs = data[TEACHER_LOGPROBS_FIELD].values().unsqueeze(0)
         teacher_ids, teacher_logprobs = slice_for_sequence_parallel(teacher_ids, teacher_logprobs)
-        top_ids, top_logprobs, _ = split_teacher_entries(teacher_ids, teacher_logprobs, self.loss_config.topk)
-        return reverse_kl_on_teacher_support(student_logits, top_ids, top_logprobs)
+        top_ids, top_logprobs, _ = split_teacher_entries(
+            teacher_ids[0], teacher_logprobs[0], self.loss_config.topk
+        )
+        return top_ids, top_logprobs
 
     def training_loss(self, model_output: dict, data) -> tuple[torch.Tensor, dict[str, Any]]:
         response_mask = padded(data["response_mask"], False).bool()
-        selected = padded(data[SELECTION_FIELD], False).bool() & response_mask
+        selected = selected_positions(data)
         if self.settings.selection_dump_dir:
             records = trained_position_records(padded(data["responses"], 0), selected, response_mask)
             write_trained_positions(self.settings.selection_dump_dir, non_tensor(data, STEP_KEY), records)
         info = batch_info(data, self.actor_config.loss_scale_factor)
-        if self.settings.loss == "reverse_kl_topk":
+        if self.settings.loss in LOGITS_LOSSES:
             per_token = no_padding_2_padding(model_output[REVERSE_KL_FIELD], data)
             loss = self._aggregate(per_token, selected, info)
             metrics = {"ta_opd/reverse_kl_selected": masked_mean(per_token.detach(), selected)}
@@ -156,3 +177,22 @@ class TAOPDLossFunction:
             rollout_is_weights=data.get("rollout_is_weights", None),
         )
         return loss, {f"distillation/{k.split('/', 1)[-1]}": v for k, v in pg_metrics.items()}
+
+
+def selected_positions(data) -> torch.Tensor:
+    """The micro-batch's selection, ``[B, T]`` bool over the response positions: the driver's mask (verl's
+    ``loss_mask``) within the response mask."""
+    return padded(data[SELECTION_FIELD], False).bool() & padded(data["response_mask"], False).bool()
+
+
+def selected_packed_rows(data) -> torch.Tensor:
+    """The rows of this rank's packed student logits that score a selected response position (row
+    ``prompt + t - 1`` of a sequence scores its response token t): verl's own response slicing
+    (``no_padding_2_padding``) applied to the row numbers."""
+    packed_ids = data["input_ids"].values()
+    row_numbers = torch.arange(packed_ids.shape[0], device=packed_ids.device)
+    response_rows = no_padding_2_padding(row_numbers, data)
+    is_selected = torch.zeros_like(row_numbers)
+    is_selected[response_rows[selected_positions(data)]] = 1
+    (is_selected,) = slice_for_sequence_parallel(is_selected.unsqueeze(0))
+    return is_selected[0].nonzero().squeeze(-1)

@@ -31,7 +31,7 @@ TOPK_ENTROPY_FIELD = "ta_opd_topk_entropy"
 # colocated teacher beside exact C when a selection dump is written, to show what exact C changes.
 LOWER_BOUND_DISAGREEMENT_FIELD = "ta_opd_lower_bound_disagreement"
 LOWER_BOUND_COMPATIBILITY_FIELD = "ta_opd_lower_bound_compatibility"
-# Per-token field of the update's forward with loss=reverse_kl_topk.
+# Per-token field of the update's forward with a reverse-KL loss (`ta_opd_verl.config.LOGITS_LOSSES`).
 REVERSE_KL_FIELD = "ta_opd_reverse_kl"
 
 # The driver's selection travels to the update as verl's own loss mask.

@@ -21,6 +21,7 @@ Nothing here needs gradients: every function runs under `torch.no_grad()` and re
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple
@@ -370,31 +371,39 @@ def _kth_smallest_pair(values: torch.Tensor, rank: int) -> tuple[float, float]:
 
 @torch.no_grad()
 def teacher_entries(
-    teacher_logits: torch.Tensor,
+    teacher_log_probs: Iterable[tuple[slice, torch.Tensor]],
     student_topk_ids: torch.Tensor,
     sampled_ids: torch.Tensor,
     teacher_topk: int,
-    chunk_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Everything TA-OPD needs from a teacher that sees its full logits (the colocated-teacher design):
-    from ``[N, V]`` teacher logits, the teacher's top-K ids and log-probs ``[N, K]`` (the entries a teacher
-    server returns), its log-probs at the student's top-k ids ``[N, k]`` (exact C, Eq. 10, via
+    """Everything TA-OPD needs from a teacher whose whole distribution is at hand (the colocated teacher):
+    the teacher's top-K ids and log-probs ``[N, K]`` (the entries a teacher server returns), its log-probs
+    at the student's top-k ids ``[N, k]`` (exact C, Eq. 10, via
     `token_statistics(teacher_logprobs_at_student_topk=...)`) and at the sampled token ``[N]`` (the pg_k1
-    advantage). float32 log-softmax, ``chunk_rows`` rows at a time, so the working memory stays one
-    ``[chunk_rows, V]`` float32 block whatever N."""
-    rows = teacher_logits.shape[0]
-    device = teacher_logits.device
+    advantage).
+
+    ``teacher_log_probs`` gives the teacher's float32 log-probs block by block, ``(rows, [len(rows), V_C])``
+    over the ids it shares with the student (`ta_opd_verl.teacher_head`: from its hidden states and output
+    layer, or from logits), covering ``[0, N)``; the working memory is one block whatever N. A student id
+    the block does not have (the teacher's vocabulary is smaller) gets log-prob -inf."""
+    rows = student_topk_ids.shape[0]
+    device = student_topk_ids.device
     top_ids = torch.empty(rows, teacher_topk, dtype=torch.long, device=device)
     top_logprobs = torch.empty(rows, teacher_topk, dtype=torch.float32, device=device)
     at_student_topk = torch.empty(student_topk_ids.shape, dtype=torch.float32, device=device)
     at_sampled = torch.empty(rows, dtype=torch.float32, device=device)
-    for start in range(0, rows, chunk_rows):
-        block = slice(start, start + chunk_rows)
-        log_probs = torch.log_softmax(teacher_logits[block], dim=-1, dtype=torch.float32)
+    for block, log_probs in teacher_log_probs:
         top_logprobs[block], top_ids[block] = torch.topk(log_probs, teacher_topk, dim=-1)
-        at_student_topk[block] = torch.gather(log_probs, -1, student_topk_ids[block])
-        at_sampled[block] = torch.gather(log_probs, -1, sampled_ids[block].unsqueeze(-1)).squeeze(-1)
+        at_student_topk[block] = _gather_known(log_probs, student_topk_ids[block])
+        at_sampled[block] = _gather_known(log_probs, sampled_ids[block].unsqueeze(-1)).squeeze(-1)
     return top_ids, top_logprobs, at_student_topk, at_sampled
+
+
+def _gather_known(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log_probs`` at ``ids``; -inf (probability 0) for the ids past its last column."""
+    known = ids < log_probs.shape[-1]
+    gathered = torch.gather(log_probs, -1, ids.clamp(max=log_probs.shape[-1] - 1))
+    return gathered.masked_fill(~known, float("-inf"))
 
 
 def masked_quantiles(values: torch.Tensor, valid: torch.Tensor, qs: tuple[float, ...]) -> list[float]:

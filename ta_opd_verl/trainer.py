@@ -16,19 +16,20 @@ Registered as ``trainer.v1.trainer_mode=ta_opd``.
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from ta_opd_verl.batch_selection import (
     METRIC_PREFIX,
     select_rollout_batch,
-    selection_records,
+    selection_dump,
     stable_sample_ids,
+    write_selection_dump,
 )
 from ta_opd_verl.checks import check_model_paths, check_ta_opd_config
+from ta_opd_verl.config import LOGITS_LOSSES
 from ta_opd_verl.loss import TAOPDLossFunction
 from ta_opd_verl.protocol import (
     COMPATIBILITY_FIELD,
@@ -46,6 +47,7 @@ from ta_opd_verl.protocol import (
 )
 from ta_opd_verl.teachability import TokenStatistics
 from ta_opd_verl.teachers import resolve_teacher
+from ta_opd_verl.teachers.base import STUDENT_PATH_KEY
 from ta_opd_verl.verl_fence.trainer import (
     PPOTrainerSync,
     actor_dataclass,
@@ -122,8 +124,8 @@ class TAOPDTrainer(PPOTrainerSync):
             self,
             batch,
             metrics,
-            # The logits processor is needed in the update only for the top-K reverse-KL loss.
-            distillation_use_topk=self.ta_opd.loss == "reverse_kl_topk",
+            # The logits processor is needed in the update only for the reverse-KL losses.
+            distillation_use_topk=self.ta_opd.loss in LOGITS_LOSSES,
             marker={PHASE_KEY: TRAIN_PHASE, STEP_KEY: self.global_steps},
             leave_out=self.teacher.update_leaves_out(self.loss_config.topk),
         )
@@ -150,16 +152,19 @@ class TAOPDTrainer(PPOTrainerSync):
         sample_ids = stable_sample_ids(rollout_ids(batch), prompts)
         teacher_sampled = self._teacher_sampled_logprobs(data, valid, metrics)
         settings = self.ta_opd
+        selection = {
+            "selector": settings.selector,
+            "ratio": settings.ratio,
+            "rules": settings.selection_rules(),
+            "seed": settings.seed,
+            "global_step": self.global_steps,
+            "population": population,
+        }
         mask, selection_metrics = select_rollout_batch(
             stats,
             valid,
             sample_ids,
-            selector=settings.selector,
-            ratio=settings.ratio,
-            rules=settings.selection_rules(),
-            seed=settings.seed,
-            global_step=self.global_steps,
-            population=population,
+            **selection,
             sampled_kl=padded(data["old_log_probs"], 0.0).float() - teacher_sampled,
         )
         metrics.update(selection_metrics)
@@ -172,7 +177,12 @@ class TAOPDTrainer(PPOTrainerSync):
             # Dump names without the "ta_opd_" field prefix, like disagreement / compatibility.
             extra = {name.removeprefix("ta_opd_"): padded(data[name], 0.0).float() for name in extra_fields}
             extra["teacher_sampled_logprob"] = teacher_sampled
-            self._dump_selection(selection_records(sample_ids, prompts, responses, stats, valid, mask, extra))
+            records, header = selection_dump(
+                sample_ids, prompts, responses, stats, valid, mask, extra, **selection
+            )
+            # The student's folder, where `ta-opd show-selection` finds the tokenizer by default.
+            header["student_path"] = OmegaConf.select(self.config, STUDENT_PATH_KEY)
+            write_selection_dump(settings.selection_dump_dir, self.global_steps, records, header)
         write_fields(batch, {SELECTION_FIELD: response_to_nested(mask.to(torch.int64), response_mask)})
 
     def _teacher_sampled_logprobs(self, data, valid: torch.Tensor, metrics: dict) -> torch.Tensor:
@@ -186,9 +196,3 @@ class TAOPDTrainer(PPOTrainerSync):
         outside_top_k = ~(top_ids == teacher_ids[..., topk:]).any(-1)
         metrics[METRIC_PREFIX + "sampled_outside_teacher_topk"] = float(outside_top_k[valid].float().mean())
         return sampled.float()
-
-    def _dump_selection(self, records: list[dict]) -> None:
-        folder = Path(self.ta_opd.selection_dump_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"step_{self.global_steps}.jsonl", "w") as out:
-            out.writelines(json.dumps(record) + "\n" for record in records)

@@ -17,7 +17,9 @@ The rule `check_same_vocabulary` applies, id by id over the common embedding ran
 
 This accepts the paper's DeepSeek-R1-Distill-Qwen-14B -> Qwen2.5-3B pair (one Qwen2 BPE of 151,643
 regular tokens, different added tokens from id 151,643 on, embeddings of 152,064 vs 151,936 rows) and
-refuses unrelated tokenizers with `VocabularyMismatchError`.
+refuses unrelated tokenizers with `VocabularyMismatchError`. `check_pair`, the pre-flight check of a pair,
+adds the special-token map over the differing ids (`ta_opd_verl.special_tokens`), which refuses a pair
+whose differing ids the student emits in its responses when no map covers them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
+
+from ta_opd_verl.special_tokens import (
+    NOT_APPLIED,
+    SpecialTokenMap,
+    TokenizerSpecials,
+    check_special_token_map,
+    derive_special_token_map,
+    describe_map,
+    read_specials,
+)
 
 # The input embedding's parameter name in Hugging Face causal-LM checkpoints (Qwen2/3, Llama, ...).
 EMBEDDING_SUFFIX = "embed_tokens.weight"
@@ -158,6 +170,55 @@ def check_same_vocabulary(
     differing id with its two tokens.
     """
     return compare_vocabularies(load_vocabulary(student_path), load_vocabulary(teacher_path))
+
+
+@dataclass(frozen=True)
+class PairCheck:
+    """What `check_pair` found for an accepted pair.
+
+    vocabulary: the vocabulary rule's report.
+    token_map: the special-token map, or None where no id differs (no map needed).
+    student, teacher: each tokenizer's special tokens as read for the map (None with no map).
+    notes: the prompt tokens the teacher reads as other tokens (`check_special_token_map`).
+    """
+
+    vocabulary: VocabularyReport
+    token_map: SpecialTokenMap | None = None
+    student: TokenizerSpecials | None = None
+    teacher: TokenizerSpecials | None = None
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> list[str]:
+        """What a user is told: that no map is needed, or the map (and that it is not applied yet), then
+        the notes."""
+        if self.token_map is None:
+            return ["the tokenizers agree on every id in common: no special-token map needed"]
+        if self.token_map.entries:
+            lines = ["special-token map (student -> teacher):"]
+            lines += [f"  {line}" for line in describe_map(self.student, self.teacher, self.token_map)]
+            lines.append(f"  note: {NOT_APPLIED}")
+        else:
+            lines = ["special-token map: empty (no token the student emits in a response differs)"]
+        return lines + [f"note: {note}" for note in self.notes]
+
+
+def check_pair(
+    student_path: str | os.PathLike, teacher_path: str | os.PathLike, special_token_map="auto"
+) -> PairCheck:
+    """The pre-flight check of one student/teacher pair: each folder's embedding matches its config, the
+    vocabulary rule (module docstring), and, where added tokens differ, the special-token map for the
+    setting ``special_token_map`` (``auto``, ``none`` or ``{student_id: teacher_id}``). Raises
+    `VocabularyMismatchError` or `ta_opd_verl.special_tokens.SpecialTokenMismatchError`."""
+    for path in (student_path, teacher_path):
+        check_embedding_matches_config(path)
+    report = check_same_vocabulary(student_path, teacher_path)
+    differing = [token_id for token_id, _, _ in report.special_differences]
+    if not differing:
+        return PairCheck(vocabulary=report)
+    student, teacher = (read_specials(AutoTokenizer.from_pretrained(p)) for p in (student_path, teacher_path))
+    token_map = derive_special_token_map(student, teacher, differing, special_token_map)
+    notes = check_special_token_map(student, teacher, token_map, differing)
+    return PairCheck(report, token_map, student, teacher, tuple(notes))
 
 
 def embedding_rows_in_weights(model_path: str | os.PathLike) -> int | None:

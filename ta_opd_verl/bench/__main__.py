@@ -5,13 +5,14 @@ Commands:
     python -m ta_opd_verl.bench scoring --n 64 --v 1000 --k 4 --repeats 1   # smoke run, seconds
     python -m ta_opd_verl.bench onpolicy --selector full teachability --seeds 0 1   # tiny pair, minutes
     python -m ta_opd_verl.bench teacher --steps 20      # fsdp vs server teacher through verl, minutes
+    python -m ta_opd_verl.bench teacher-memory          # blocked teacher head, losses: V = 151,936, minutes
     python -m ta_opd_verl.bench cpu-share --metrics outputs/demo/metrics.jsonl   # who uses the CPU in a run
 """
 
 import argparse
 import sys
 
-from ta_opd_verl.bench import cpu_share, onpolicy, scoring, teacher
+from ta_opd_verl.bench import cpu_share, onpolicy, scoring, teacher, teacher_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
             help="fsdp vs server teacher through verl's trainer on the tiny pair: step time, selection",
         )
     )
+    teacher_memory.add_arguments(
+        commands.add_parser(
+            "teacher-memory",
+            help="colocated teacher's scoring and the OPD losses, blocked vs unblocked: time and peak memory",
+        )
+    )
     cpu_share.add_arguments(
         commands.add_parser(
             "cpu-share", help="CPU share of each process group (Ray actors, vLLM engines) during a run"
@@ -45,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         onpolicy.run(args)
     elif args.command == "teacher":
         teacher.run(args)
+    elif args.command == "teacher-memory":
+        teacher_memory.run(args)
     elif args.command == "cpu-share":
         cpu_share.run(args)
     return 0

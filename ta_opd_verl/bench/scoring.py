@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ta_opd_verl.bench.machine import machine_info
+from ta_opd_verl.bench.peak_memory import peak_extra, print_result, run_child
 from ta_opd_verl.config import TAOPDConfig
 from ta_opd_verl.teachability import token_statistics
 
@@ -138,26 +136,8 @@ def time_case(n: int, v: int, k: int, repeats: int, seed: int) -> dict:
     }
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_child(name: str, n: int, v: int, k: int, seed: int, threads: int) -> None:
-    """Runs in a fresh process: prints one JSON line with the peak memory of one call of `name`."""
+    """Runs in a fresh process (`peak_memory.run_child`): prints the peak memory of one call of `name`."""
     torch.set_num_threads(threads)
     inputs = make_inputs(n, v, k, seed)
     fn = make_function(name, inputs, k)
@@ -165,35 +145,12 @@ def memory_child(name: str, n: int, v: int, k: int, seed: int, threads: int) -> 
     small = {key: value[: min(8, n)] for key, value in inputs.items()}
     make_function(name, small, k)()
     del small
-    gc.collect()
-    baseline = _status_kib("VmRSS")
-    if baseline is not None and _reset_peak():
-        fn()
-        peak, method = _status_kib("VmHWM"), "VmHWM"
-    else:
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
     inputs_mib = sum(t.numel() * t.element_size() for t in inputs.values()) / 2**20
-    print(
-        json.dumps({"peak_extra_mib": (peak - baseline) / 1024, "inputs_mib": inputs_mib, "method": method})
-    )
+    print_result({**peak_extra(fn), "inputs_mib": inputs_mib})
 
 
 def measure_memory(name: str, n: int, v: int, k: int, seed: int, threads: int) -> dict:
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    code = (
-        "from ta_opd_verl.bench.scoring import memory_child; "
-        f"memory_child({name!r}, {n}, {v}, {k}, {seed}, {threads})"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False, timeout=3600
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"memory child for {name} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(__name__, "memory_child", name, n, v, k, seed, threads)
 
 
 def _mib(memory: dict, name: str) -> str:

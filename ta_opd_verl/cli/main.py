@@ -10,8 +10,16 @@ import sys
 # name -> (module with a `main(argv) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build-tiny": (
-        "ta_opd_verl.tiny.build",
+        "ta_opd_verl.tiny.command",
         "build (or reuse) the tiny CPU teacher/student pair and its data",
+    ),
+    "build-shapes": (
+        "ta_opd_verl.shapes.build",
+        "build (or reuse) the paper's models shrunken to 2 layers (real tokenizers, vocabularies, layouts)",
+    ),
+    "check-pair": (
+        "ta_opd_verl.cli.check_pair",
+        "the pre-flight check of a student and a teacher folder: vocabulary and special-token map",
     ),
     "diagnose": (
         "ta_opd_verl.diagnose.main",
@@ -28,6 +36,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": (
         "ta_opd_verl.data.prepare",
         "DAPO-Math-17k or GSM8K (a downloaded copy, or --download) as verl parquet files",
+    ),
+    "show-selection": (
+        "ta_opd_verl.show_selection.main",
+        "a selection dump (ta_opd.selection_dump_dir) as one self-contained HTML page",
+    ),
+    "recipe-cpu": (
+        "ta_opd_verl.shapes.recipe_cpu",
+        "run a recipe (recipes/*.sh) for real on the CPU, on the shrunken real models (outputs/recipe-cpu)",
     ),
     "train": ("ta_opd_verl.cli.train", "run verl's trainer with TA-OPD (on CPU: on the tiny pair)"),
 }

@@ -195,46 +195,88 @@ def supervise(
     command: list[str], out_dir: Path, env: dict[str, str], *, timeout: float | None, progress: bool
 ) -> RunResult:
     """Run ``command`` in ``out_dir`` with its output in ``out_dir/verl.log`` and wait for it, printing a
-    line per step of ``out_dir/metrics.jsonl``. Ctrl-C, SIGTERM or a timeout while waiting stop the child
-    too: verl's driver exits on SIGTERM and its Ray cluster with it."""
+    line per step of ``out_dir/metrics.jsonl``. The child runs in a session of its own, which Ctrl-C at the
+    terminal does not reach: Ctrl-C, SIGTERM, SIGHUP or a timeout while waiting stop it here
+    (`_RunProcesses.stop`), and whatever of the run is left when it ends is killed."""
     started = time.monotonic()
-    with open(out_dir / LOG_FILE, "w") as log, _sigterm_raises_system_exit():
+    with open(out_dir / LOG_FILE, "w") as log, _stop_signals_raise_system_exit():
         log.write(" ".join(command) + "\n")
         log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out_dir)
-        memory = _MemoryWatch()
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out_dir, start_new_session=True
+        )
+        run, memory = _RunProcesses(process), _MemoryWatch()
         try:
             returncode = _wait_with_progress(
-                process, out_dir / METRICS_FILE, started, timeout, progress, memory
+                process, out_dir / METRICS_FILE, started, timeout, progress, memory, run
             )
         finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            run.stop()
     return RunResult(returncode, out_dir, time.monotonic() - started, memory.peak_gib)
 
 
+# How long verl's driver gets to shut its Ray cluster down after SIGTERM.
+STOP_GRACE_SECONDS = 30
+
+
+class _RunProcesses:
+    """The sessions of a run: the child's own, and those its descendants start (Ray's dashboard and
+    runtime-env agents start their own and can outlive the driver). Noted at every poll while the child
+    runs, since a process whose parent has exited no longer shows whose it was; this process's own
+    session is never one of them."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.sessions = {process.pid}
+
+    def sample(self) -> None:
+        # Once the child is reaped its pid may be reused: read its descendants only while it runs.
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(psutil.Error):
+            for descendant in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(OSError):
+                    self.sessions.add(os.getsid(descendant.pid))
+        self.sessions.discard(os.getsid(0))
+
+    def stop(self) -> None:
+        """SIGTERM to a child still running (verl's driver then shuts its Ray cluster down) and up to
+        STOP_GRACE_SECONDS for it to exit, cut short by another Ctrl-C; then SIGKILL to every process left
+        in the run's sessions."""
+        self.sample()
+        try:
+            if self.process.poll() is None:
+                self.process.terminate()
+                self.process.wait(timeout=STOP_GRACE_SECONDS)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass
+        finally:
+            for leftover in psutil.process_iter():
+                with contextlib.suppress(psutil.Error, OSError):
+                    if os.getsid(leftover.pid) in self.sessions:
+                        leftover.kill()
+            self.process.wait()
+
+
 @contextlib.contextmanager
-def _sigterm_raises_system_exit():
-    """Python's default SIGTERM ends the process without running ``finally`` blocks, which would leave verl
-    (a child in our process group) and its Ray cluster running; raise SystemExit instead, so the
-    supervising ``finally`` stops them. Only the main thread may set signal handlers."""
+def _stop_signals_raise_system_exit():
+    """Python's default SIGTERM and SIGHUP (the terminal closed) end the process without running
+    ``finally`` blocks, which would leave verl and its Ray cluster running in their own session; raise
+    SystemExit instead, so the supervising ``finally`` stops them. Only the main thread may set signal
+    handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def exit_on_sigterm(signum, frame):
+    def exit_on_signal(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    previous = {signum: signal.signal(signum, exit_on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class _MemoryWatch:
@@ -295,13 +337,16 @@ class StartupPhases:
         return phases
 
 
-def _wait_with_progress(process, metrics_path: Path, started: float, timeout, progress: bool, memory) -> int:
+def _wait_with_progress(
+    process, metrics_path: Path, started: float, timeout, progress: bool, memory, run: _RunProcesses
+) -> int:
     seen = 0
     first_step_at = None
     phases, log_offset = StartupPhases(), 0
     log_path = metrics_path.parent / LOG_FILE
     while True:
         memory.sample()
+        run.sample()
         try:
             return process.wait(timeout=2.0) if timeout is None else _wait_bounded(process, started, timeout)
         except subprocess.TimeoutExpired:

@@ -27,6 +27,13 @@ comparison through verl's trainer").
     ta-opd compare --dry-run                # the plan: run names and verl overrides, nothing runs
     ta-opd compare --only tip-r0.05-s1      # one run, then the table of whatever is complete
     ta-opd compare --steps 40 -- actor_rollout_ref.actor.ppo_mini_batch_size=16   # after --: to verl
+
+The loss is a dimension too: ``--losses`` runs the whole plan with each loss (default: the demo's,
+``reverse_kl_topk``; a run with another loss is named ``<selector>-<loss>-r<ρ>-s<seed>``), e.g. the four
+losses with TA-OPD and full OPD at ρ = 0.05, 3 seeds each (24 runs):
+
+    ta-opd compare --selectors teachability,full --budgets= \\
+        --losses pg_k1,reverse_kl_topk,reverse_kl_topk_tail,reverse_kl_full
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ from ta_opd_verl.compare.plan import (
 )
 from ta_opd_verl.compare.results import load_complete_result, write_outputs
 from ta_opd_verl.compare.runner import VerlRun, run_comparison
-from ta_opd_verl.demo.run import DEMO_LR, DEMO_PROMPTS, demo_runtime_overrides
+from ta_opd_verl.config import LOSSES
+from ta_opd_verl.demo.run import DEMO_LOSS, DEMO_LR, DEMO_PROMPTS, demo_runtime_overrides
 from ta_opd_verl.teachability import SELECTORS
 from ta_opd_verl.tiny.build import build_tiny_pair, planned_pair
 
@@ -80,6 +88,14 @@ def _selectors(text: str) -> list[str]:
     return names
 
 
+def _losses(text: str) -> list[str]:
+    names = [item for item in text.split(",") if item]
+    unknown = [name for name in names if name not in LOSSES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown loss(es) {unknown}; choose from {', '.join(LOSSES)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ta-opd compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -94,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seeds", type=positive_int, default=SEEDS, help=f"training seeds per selector (default: {SEEDS})"
+    )
+    parser.add_argument(
+        "--losses",
+        type=_losses,
+        default=[DEMO_LOSS],
+        help=f"comma-separated ta_opd.loss values, the whole plan with each (default: {DEMO_LOSS})",
     )
     parser.add_argument(
         "--budgets",
@@ -134,7 +156,7 @@ def print_plan(plan: Sequence[PlannedRun], steps: int, lr: float, extra: Sequenc
 def main(argv: list[str] | None = None) -> int:
     argv, extra = split_overrides(argv)
     args = build_parser().parse_args(argv)
-    plan = comparison_plan(args.selectors, args.seeds, args.budgets)
+    plan = comparison_plan(args.selectors, args.seeds, args.budgets, losses=args.losses)
     selected = [run for run in plan if args.only in (None, run.name)]
     if not selected:
         planned = ", ".join(run.name for run in plan)

@@ -20,7 +20,14 @@ def plot_comparison(rows: Sequence[dict], path: Path) -> None:
     at_main = [row for row in rows if row["ratio"] == MAIN_RATIO]
     budget = sorted((row for row in rows if row["selector"] == BUDGET_SELECTOR), key=lambda row: row["ratio"])
     figure, (gain_axis, kl_axis, budget_axis) = plt.subplots(1, 3, figsize=(17, 4.5))
-    names = [f"{row['selector']}\nkept {100 * row['kept_fraction']['mean']:.1f}%" for row in at_main]
+    # The loss under the selector's name only when the rows compare losses.
+    compares_losses = len({row["loss"] for row in rows}) > 1
+
+    def bar_name(row: dict) -> str:
+        loss = f"\n{row['loss']}" if compares_losses else ""
+        return f"{row['selector']}{loss}\nkept {100 * row['kept_fraction']['mean']:.1f}%"
+
+    names = [bar_name(row) for row in at_main]
     for axis, field, scale, label in (
         (gain_axis, "gain", 100, "accuracy gain (points)"),
         (kl_axis, "kl_reduction", 1, "held-out reverse-KL reduction (nats)"),
@@ -31,12 +38,22 @@ def plot_comparison(rows: Sequence[dict], path: Path) -> None:
         axis.axhline(0, color="gray", linewidth=0.8)
         axis.set(ylabel=label, title=f"{label.split(' (')[0]} at ρ = {MAIN_RATIO:g} (± std over seeds)")
         axis.tick_params(axis="x", labelsize=8)
-    ratios = [row["ratio"] for row in budget]
-    budget_axis.plot(ratios, [100 * row["gain"]["mean"] for row in budget], marker="o", color="tab:blue")
+    kl_twin = budget_axis.twinx()
+    # One curve per loss; the line style tells the losses apart.
+    for loss, style in zip(
+        dict.fromkeys(row["loss"] for row in budget), ("-", "--", ":", "-."), strict=False
+    ):
+        curve = [row for row in budget if row["loss"] == loss]
+        ratios = [row["ratio"] for row in curve]
+        gains = [100 * row["gain"]["mean"] for row in curve]
+        budget_axis.plot(ratios, gains, style, marker="o", color="tab:blue", label=loss)
+        kl_twin.plot(
+            ratios, [row["kl_reduction"]["mean"] for row in curve], style, marker="s", color="tab:red"
+        )
     budget_axis.set(xscale="log", xlabel="ρ", title=f"{BUDGET_SELECTOR}: budget curve")
     budget_axis.set_ylabel("accuracy gain (points)", color="tab:blue")
-    kl_twin = budget_axis.twinx()
-    kl_twin.plot(ratios, [row["kl_reduction"]["mean"] for row in budget], marker="s", color="tab:red")
+    if compares_losses:
+        budget_axis.legend(fontsize="small")
     kl_twin.set_ylabel("reverse-KL reduction (nats)", color="tab:red")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ta_opd_verl.compare.heldout import HELDOUT_PROMPTS
 from ta_opd_verl.compare.plan import PlannedRun
 from ta_opd_verl.compare.plot import plot_comparison
-from ta_opd_verl.demo.run import DEMO_STEPS, DEMO_TOP_P
+from ta_opd_verl.demo.run import DEMO_LOSS, DEMO_STEPS, DEMO_TOP_P
 
 RESULT_FILE = "result.json"
 NO_STD = "–"
@@ -25,24 +25,28 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def aggregate(results: Sequence[dict]) -> list[dict]:
-    """One row per (selector, ratio), in order of first appearance, over the seeds present.
+    """One row per (selector, loss, ratio), in order of first appearance, over the seeds present (a result
+    without a loss, from before the loss was a dimension, ran the demo's).
 
     The gain is the validation accuracy at the last step minus step 0's; the reverse-KL reduction is the
     held-out reverse KL of the initial student minus the trained one's (positive: closer to the teacher).
     Each measured field is a ``{"mean": m, "std": s}`` pair, ``s`` None for a single seed.
     """
-    groups: dict[tuple[str, float], list[dict]] = {}
+    groups: dict[tuple[str, str, float], list[dict]] = {}
     for result in results:
-        groups.setdefault((result["selector"], result["ratio"]), []).append(result)
+        groups.setdefault((result["selector"], result.get("loss", DEMO_LOSS), result["ratio"]), []).append(
+            result
+        )
     rows = []
-    for (selector, ratio), members in groups.items():
+    for (selector, loss, ratio), members in groups.items():
         fields = {
             "kept_fraction": [r["kept_fraction"] for r in members],
             "gain": [r["accuracy_after"] - r["accuracy_before"] for r in members],
             "kl_reduction": [r["heldout_reverse_kl_before"] - r["heldout_reverse_kl_after"] for r in members],
             "wall_seconds": [r["wall_seconds"] for r in members],
         }
-        row = {"selector": selector, "ratio": ratio, "n": len(members), "seeds": [r["seed"] for r in members]}
+        row = {"selector": selector, "loss": loss, "ratio": ratio, "n": len(members)}
+        row["seeds"] = [r["seed"] for r in members]
         for field, values in fields.items():
             mean, std = mean_std(values)
             row[field] = {"mean": mean, "std": std}
@@ -53,13 +57,14 @@ def aggregate(results: Sequence[dict]) -> list[dict]:
 def render_table(rows: Sequence[dict]) -> str:
     """A markdown table of `aggregate`'s rows: gain in accuracy points, KL in nats, wall in seconds."""
     lines = [
-        "| selector | ρ | seeds | kept fraction | accuracy gain (points) | held-out reverse-KL reduction "
-        "(nats) | wall (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| selector | loss | ρ | seeds | kept fraction | accuracy gain (points) | held-out reverse-KL "
+        "reduction (nats) | wall (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cells = [
             row["selector"],
+            row["loss"],
             f"{row['ratio']:g}",
             str(row["n"]),
             f"{100 * row['kept_fraction']['mean']:.1f}%",
@@ -104,7 +109,7 @@ def write_outputs(out_dir: Path, plan: Sequence[PlannedRun], results: list[dict]
     write_json(out_dir / "summary.json", summary)
     extra = f", extra overrides `{' '.join(settings['extra'])}`" if settings["extra"] else ""
     header = [
-        "# TA-OPD selectors and budgets on the tiny pair (`ta-opd compare`)",
+        "# TA-OPD selectors, losses and budgets on the tiny pair (`ta-opd compare`)",
         "",
         f"{settings['steps']} steps per run of {settings['prompts']} prompts, lr {settings['lr']:g}, "
         f"otherwise the demo's settings (`ta_opd_verl/demo/run.py`, {DEMO_STEPS} steps): "

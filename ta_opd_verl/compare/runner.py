@@ -68,7 +68,8 @@ def run_comparison(
             continue
         finally:
             durations.append(time.monotonic() - started)
-        result = {"name": run.name, "selector": run.selector, "ratio": run.ratio, "seed": run.seed}
+        result = {"name": run.name, "selector": run.selector, "loss": run.loss, "ratio": run.ratio}
+        result["seed"] = run.seed
         result |= measured
         result["settings"] = settings
         write_json(run_dir / RESULT_FILE, result)

@@ -3,13 +3,16 @@
     ta-opd prepare-data dapo-math --source ~/downloads/dapo-math-17k.parquet --out ~/data/ta-opd/dapo-math
     ta-opd prepare-data gsm8k --source ~/downloads/gsm8k --out ~/data/ta-opd/gsm8k
     ta-opd prepare-data gsm8k --download --out ~/data/ta-opd/gsm8k      # needs network access
+    ta-opd prepare-data dapo-math --generate 2000 --out data/dapo-math    # offline: generated problems
 
 ``--source`` reads what a user downloaded: a ``.parquet`` or JSON Lines (``.jsonl``/``.json``) file, or a
 folder holding them (a dataset snapshot: GSM8K's ``main/train-*.parquet`` and ``main/test-*.parquet``,
 DAPO-Math's ``data/*.parquet``). ``--download`` fetches the dataset through the ``datasets`` library (a
 dependency of verl, so wherever verl is installed). Both need the same columns as the published datasets:
 DAPO-Math-17k rows already in verl's layout (``prompt``, ``reward_model.ground_truth``, ...), GSM8K rows
-``question`` and ``answer`` (a worked solution ending in ``#### <number>``).
+``question`` and ``answer`` (a worked solution ending in ``#### <number>``). ``--generate N`` writes N
+generated problems in the dataset's published format under ``<out>/source/`` and prepares them as a
+``--source`` (`ta_opd_verl.data.generate`: no network needed).
 
 Output rows, in the columns verl's RL dataset reads (`ta_opd_verl.tiny.parquet` writes the same layout):
 ``data_source`` (``math_dapo`` or ``openai/gsm8k``: the names verl's default reward function dispatches
@@ -45,6 +48,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from ta_opd_verl.data.generate import write_source
 from ta_opd_verl.tiny.parquet import COLUMNS
 
 ABILITY = "math"
@@ -282,24 +286,41 @@ def main(argv: list[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--source", help="a downloaded .parquet/.jsonl file, or a folder of them")
     where.add_argument("--download", action="store_true", help="fetch through the `datasets` library")
+    where.add_argument(
+        "--generate",
+        type=int,
+        metavar="N",
+        help="offline: N generated word problems in the dataset's published format (written to <out>/source)",
+    )
     parser.add_argument(
         "--val-size",
         type=int,
         default=DEFAULT_DAPO_VAL_SIZE,
         help=f"dapo-math: held-out prompts written to val.parquet (default {DEFAULT_DAPO_VAL_SIZE}; 0: none)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="dapo-math: seed of the held-out draw")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="dapo-math: seed of the held-out draw; --generate: of the problems",
+    )
     parser.add_argument("--keep-duplicates", action="store_true", help="dapo-math: keep repeated prompts")
     args = parser.parse_args(argv)
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         parser.error(f"--out {args.out}: cannot create the output folder ({error.strerror})")
+    source = args.source
+    if args.generate is not None:
+        minimum = 2 if args.dataset == "gsm8k" else 1
+        if args.generate < minimum:
+            parser.error(f"--generate {args.generate}: give at least {minimum} problems for {args.dataset}")
+        source = write_source(args.dataset, Path(args.out) / "source", args.generate, args.seed)
     try:
         prepare(
             args.dataset,
             args.out,
-            source=None if args.download else args.source,
+            source=None if args.download else source,
             val_size=args.val_size,
             seed=args.seed,
             deduplicate=not args.keep_duplicates,

@@ -3,8 +3,9 @@
 Builds (or reuses) the tiny teacher/student pair, runs ``python -m verl.trainer.main_ppo`` with
 ``conf/ta_opd_cpu.yaml`` (vLLM-CPU student rollouts, the teacher colocated in the actor's worker with
 exact compatibility, 5% teachability selection, the OPD update, validation), prints a line per step, and
-writes ``outputs/demo/report.json`` and ``outputs/demo/report.png`` (validation accuracy and the
-sampled-token reverse KL per step).
+writes ``outputs/demo/report.json``, ``outputs/demo/report.png`` (validation accuracy and the
+sampled-token reverse KL per step) and ``outputs/demo/selection.html`` (`ta-opd show-selection` of the last
+step's selection, dumped under ``outputs/demo/selection/``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from pathlib import Path
 
 from ta_opd_verl.cli.train import positive_int, run_verl, tiny_pair_overrides
 from ta_opd_verl.demo.report import build_report, plot_report
+from ta_opd_verl.show_selection.main import PAGE_NAME, write_selection_page
 from ta_opd_verl.tiny.build import build_tiny_pair
 
 TA_OPD_KEY = "distillation.distillation_loss.ta_opd"
+DUMP_KEY = f"{TA_OPD_KEY}.selection_dump_dir"
+# The run's selection dump, in the run folder, for selection.html.
+SELECTION_DIR = "selection"
 
 # The demo's settings: DEMO_STEPS steps of DEMO_PROMPTS prompts, one sample each, MINI_BATCHES PPO
 # mini-batches per step, the supervised top-K reverse KL on a 5% selection plus one position per sample, Adam
@@ -32,9 +37,10 @@ DEMO_SEED = 0
 DEMO_PROMPTS = 128
 TEST_FREQ = 14
 MINI_BATCHES = 4
+DEMO_LOSS = "reverse_kl_topk"
 TA_OPD_SETTINGS = [
     "actor_rollout_ref.rollout.n=1",
-    f"{TA_OPD_KEY}.loss=reverse_kl_topk",
+    f"{TA_OPD_KEY}.loss={DEMO_LOSS}",
     f"{TA_OPD_KEY}.ratio=0.05",
     f"{TA_OPD_KEY}.min_keep_per_sample=1",
 ]
@@ -94,14 +100,33 @@ def run_demo(out_dir: Path, *, steps: int, lr: float, seed: int, test_freq: int,
     print(f"[ta-opd demo] seed {seed}; building or reusing the tiny pair", flush=True)
     pair = build_tiny_pair()
     print(f"[ta-opd demo] TA-OPD at 5% for {steps} steps through verl's trainer (start-up takes ~1.5 min)")
-    overrides = [*demo_run_overrides(pair, steps=steps, lr=lr, seed=seed, test_freq=test_freq), *extra]
+    overrides = [
+        *demo_run_overrides(pair, steps=steps, lr=lr, seed=seed, test_freq=test_freq),
+        f"{DUMP_KEY}={out_dir / SELECTION_DIR}",
+        *extra,
+    ]
     result = run_verl("ta_opd_cpu", overrides, out_dir)
     if result.returncode != 0:
         raise SystemExit(f"verl failed (exit {result.returncode}); see {result.log_path}")
     report = build_report(result, pair.manifest, seed)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_report(report, out_dir / "report.png")
+    dump = selection_dump_folder(overrides)
+    if dump is None:
+        print(f"[ta-opd demo] {DUMP_KEY}=null: no {PAGE_NAME}")
+    else:
+        page, _ = write_selection_page(Path(dump), out_dir / PAGE_NAME)
+        print(f"[ta-opd demo] the last step's selection: {page}")
     return report
+
+
+def selection_dump_folder(overrides: list[str]) -> str | None:
+    """Where the run dumps its selection: the last ``selection_dump_dir`` override (Hydra keeps the last),
+    None where that is ``null``."""
+    folders = [
+        override.removeprefix(DUMP_KEY + "=") for override in overrides if override.startswith(DUMP_KEY + "=")
+    ]
+    return None if folders[-1] in ("null", "") else folders[-1]
 
 
 def main(argv: list[str] | None = None) -> int:

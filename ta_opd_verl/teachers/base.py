@@ -6,7 +6,8 @@ A teacher is chosen once (`ta_opd_verl.teachers.resolve_teacher`) and asked, at 
 - in the driver before verl reads the config (`prepare_config`) and before verl builds its workers
   (`install`);
 - in the actor's workers, inside the scoring forward: the per-token outputs of one micro-batch
-  (`score_micro_batch`), given the student's logits;
+  (`score_micro_batch`), given the student's logits; inside the update's forward with
+  ``loss=reverse_kl_full``: the full-vocabulary reverse KL at the selected positions (`reverse_kl_full`);
 - in the driver after the scoring forward: what to store for the selection and the update
   (`after_scoring`, `score_fields`) and which fields the update must not receive (`update_leaves_out`).
 
@@ -26,6 +27,7 @@ from ta_opd_verl.teachability import TokenStatistics
 TA_OPD_KEY = "distillation.distillation_loss.ta_opd"
 TEACHER_KEY = f"{TA_OPD_KEY}.teacher"
 TEACHER_PATH_KEY = f"{TA_OPD_KEY}.teacher_path"
+LOSS_KEY = f"{TA_OPD_KEY}.loss"
 STUDENT_PATH_KEY = "actor_rollout_ref.model.path"
 
 
@@ -78,6 +80,12 @@ class Teacher(ABC):
     @abstractmethod
     def score_micro_batch(self, loss_fn, student_logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
         """The scoring forward's per-token outputs for one micro-batch, each ``(1, nnz)``."""
+
+    def reverse_kl_full(self, loss_fn, student_rows: torch.Tensor, data, rows: torch.Tensor) -> torch.Tensor:
+        """KL(p_θ || p_T) over the whole vocabulary at the packed ``rows`` of the update's micro-batch
+        (``student_rows``: the student's logits there, ``[len(rows), V]``), differentiable in them. Only a
+        teacher whose whole distribution is at hand gives it; `check_config` refuses the loss otherwise."""
+        raise NotImplementedError(f"the {self.name} teacher cannot give {LOSS_KEY}=reverse_kl_full")
 
 
 def statistics_outputs(stats: TokenStatistics, entropy_mode: str) -> dict[str, torch.Tensor]:

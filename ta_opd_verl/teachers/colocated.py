@@ -5,8 +5,14 @@ logits. No teacher pool, no teacher server, one teacher forward per step.
 Per position it gives everything TA-OPD needs, exactly: D and C (C from the teacher's log-probs AT THE
 STUDENT's top-k ids, Eq. 10, or the lower bound Eq. 17 with ``compatibility=lower_bound``), and the rows a
 teacher server would return (`ta_opd_verl.protocol`'s layout), which the driver stores as ``teacher_ids``
-/ ``teacher_logprobs`` for the update. The math is `ta_opd_verl.teachability` (`teacher_entries`,
-`token_statistics`).
+/ ``teacher_logprobs`` for the update. With ``loss=reverse_kl_full`` it runs again in the update's forward
+and gives the full-vocabulary reverse KL at the selected positions. The math is
+`ta_opd_verl.teachability` (`teacher_entries`, `token_statistics`) and `ta_opd_verl.opd_loss`.
+
+The teacher's ``[N, V]`` logits are never materialised: the forward stops at the final hidden states
+``[N, H]`` and the output layer runs a block of rows at a time (`ta_opd_verl.teacher_head`), so the extra
+memory is the hidden states plus one block whatever N. `body_and_head` is the one place that knows how a
+Hugging Face causal LM is built, and `LoadedTeacher` checks that knowledge on each model it loads.
 
 The teacher runs at temperature 1.0, like verl's teacher servers (which force 1.0 for prompt log-probs):
 its logits are never divided by the rollout temperature, while the student's arrive already divided. It is
@@ -17,14 +23,17 @@ actor's mesh like verl's reference policy.
 
 from __future__ import annotations
 
-import math
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM
 
 from ta_opd_verl.config import TAOPDConfigError
+from ta_opd_verl.opd_loss import reverse_kl_full_from_blocks
 from ta_opd_verl.protocol import (
     LOWER_BOUND_COMPATIBILITY_FIELD,
     LOWER_BOUND_DISAGREEMENT_FIELD,
@@ -35,6 +44,7 @@ from ta_opd_verl.protocol import (
     teacher_entry_outputs,
 )
 from ta_opd_verl.teachability import DEFAULT_PROB_FLOOR, teacher_entries, token_statistics
+from ta_opd_verl.teacher_head import LogProbBlocks, head_log_prob_blocks, rows_per_block
 from ta_opd_verl.teachers.base import (
     TEACHER_KEY,
     TEACHER_PATH_KEY,
@@ -55,10 +65,7 @@ SEQUENCE_PARALLEL_KEY = "actor_rollout_ref.actor.ulysses_sequence_parallel_size"
 # verl's default attention for the student (HFModelConfig, verl/workers/config/model.py).
 _VERL_DEFAULT_ATTENTION = "flash_attention_2"
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Rows of teacher log-probs per float32 block in `teacher_entries`: about 256 MiB, as in
-# `teachability.token_statistics`.
-_BLOCK_BYTES = 256 * 2**20
+Result = TypeVar("Result")
 
 
 def dumps_lower_bound(settings) -> bool:
@@ -124,7 +131,43 @@ class ColocatedFSDPTeacher(Teacher):
         return teacher_entry_fields(topk)
 
     def score_micro_batch(self, loss_fn, student_logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
-        """Run this process's teacher on the micro-batch, then score both models' logits."""
+        """Run this process's teacher on the micro-batch and score both models, the teacher's output layer
+        block by block."""
+        settings = loss_fn.settings
+        vocab = student_logits.shape[-1]
+        sampled_ids = torch.roll(data["input_ids"].values(), shifts=-1, dims=0)
+
+        def score(hidden: torch.Tensor, head: torch.nn.Linear) -> dict[str, torch.Tensor]:
+            return score_with_teacher(
+                student_logits,
+                head_log_prob_blocks(
+                    hidden, head.weight, head.bias, vocab=vocab, block_rows=rows_per_block(vocab)
+                ),
+                sampled_ids,
+                **settings.scoring_options(),
+                topk=loss_fn.loss_config.topk,
+                exact_compatibility=settings.compatibility == "exact",
+                lower_bound_outputs=dumps_lower_bound(settings),
+            )
+
+        return self._teacher(loss_fn, student_logits.device).run_with_head(data, score)
+
+    def reverse_kl_full(self, loss_fn, student_rows: torch.Tensor, data, rows: torch.Tensor) -> torch.Tensor:
+        """Run the teacher on the update's micro-batch again and take its output layer at ``rows`` only,
+        block by block: KL(p_θ || p_T) over the whole vocabulary (`opd_loss.reverse_kl_full`) at each."""
+        vocab = student_rows.shape[-1]
+
+        def kl(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+            blocks = head_log_prob_blocks(
+                hidden[rows], head.weight, head.bias, vocab=vocab, block_rows=rows_per_block(vocab)
+            )
+            # The teacher's forward runs without gradients; the student's rows need one.
+            with torch.enable_grad():
+                return reverse_kl_full_from_blocks(student_rows, blocks)
+
+        return self._teacher(loss_fn, student_rows.device).run_with_head(data, kl)
+
+    def _teacher(self, loss_fn, device: torch.device) -> LoadedTeacher:
         if sequence_parallel_size() > 1:
             # The student's logits are then one rank's slice of the packed sequence; the teacher's are not.
             raise NotImplementedError("the fsdp teacher does not support Ulysses sequence parallelism")
@@ -135,17 +178,7 @@ class ColocatedFSDPTeacher(Teacher):
             attn_implementation=self.attn_implementation,
             fsdp_size=loss_fn.actor_config.engine.fsdp_size,
         )
-        teacher_logits = loaded_teacher(spec, student_logits.device).logits(data)
-        sampled_ids = torch.roll(data["input_ids"].values(), shifts=-1, dims=0)
-        return score_with_teacher_logits(
-            student_logits,
-            teacher_logits,
-            sampled_ids,
-            **settings.scoring_options(),
-            topk=loss_fn.loss_config.topk,
-            exact_compatibility=settings.compatibility == "exact",
-            lower_bound_outputs=dumps_lower_bound(settings),
-        )
+        return loaded_teacher(spec, device)
 
 
 @dataclass(frozen=True)
@@ -156,6 +189,32 @@ class TeacherSpec:
     dtype: str
     attn_implementation: str | None
     fsdp_size: int
+
+
+class TeacherStructureError(RuntimeError):
+    """The teacher model is not built as the colocated teacher's blocked output layer assumes."""
+
+
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """The teacher's body (its output's first field: the final hidden states, after the last norm) and its
+    output layer, the one place that knows how a Hugging Face causal LM is built: ``model.base_model`` and
+    ``model.get_output_embeddings()``, a linear layer whose output is the logits as they are (no soft-capping
+    or scaling after it; `LoadedTeacher` checks this on the loaded model), and a ``forward`` that takes
+    ``logits_to_keep``, so that its own output layer runs on one position only."""
+    name = type(model).__name__
+    body = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is model or not isinstance(head, torch.nn.Linear):
+        raise TeacherStructureError(
+            f"the fsdp teacher needs a Hugging Face causal LM with a base model and a linear output layer "
+            f"(model.base_model, model.get_output_embeddings()); {name} has neither or not both"
+        )
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise TeacherStructureError(
+            f"{name}.forward takes no logits_to_keep: the fsdp teacher cannot stop it from computing the "
+            "[N, V] logits it computes block by block instead"
+        )
+    return body, head
 
 
 class LoadedTeacher:
@@ -172,48 +231,81 @@ class LoadedTeacher:
             **({"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}),
         )
         model.eval().requires_grad_(False)
+        self.body, self.head = body_and_head(model)
         self.sharded = torch.distributed.is_available() and torch.distributed.is_initialized()
         if self.sharded:
             shard_like_reference_policy(model, spec.fsdp_size, device)
         else:
             model.to(device)
         self.model = model
+        self._check_head(device)
 
     @torch.no_grad()
-    def logits(self, data) -> torch.Tensor:
-        """The teacher's ``[total_nnz, V_teacher]`` logits for a verl micro-batch, in the packed order of the
-        student's logits, computed in the teacher's own dtype (the forward's autocast is switched off)."""
+    def run_with_head(self, data, use: Callable[[torch.Tensor, torch.nn.Linear], Result]) -> Result:
+        """Run the teacher on a verl micro-batch and return ``use(hidden, head)``: its final hidden states
+        ``[total_nnz, H]`` in the packed order of the student's logits, and its output layer.
+
+        ``use`` runs inside the teacher's forward, where FSDP2 has gathered the output layer; the model's own
+        output layer runs on one position per sequence. The forward is in the teacher's own dtype (the
+        forward's autocast is switched off)."""
         input_ids, position_ids = data["input_ids"], data["position_ids"]
         if position_ids.dim() == 3:
             raise NotImplementedError(
                 "the fsdp teacher takes text models only (multimodal rope position_ids are not supported)"
             )
-        device = input_ids.values().device
-        with torch.autocast(device_type=device.type, enabled=False):
-            if non_tensor(data, "use_remove_padding", default=True):
-                output = self.model(
-                    input_ids=input_ids.values().unsqueeze(0),
-                    position_ids=position_ids.values().unsqueeze(0),
-                    attention_mask=None,
-                    use_cache=False,
-                )
-                logits = output.logits[0]
-            else:
-                pad_token_id = non_tensor(data, "pad_token_id", default=0)
-                lengths = input_ids.offsets().diff()
-                size = (input_ids.shape[0], int(lengths.max()))
-                output = self.model(
-                    input_ids=torch.nested.to_padded_tensor(input_ids, pad_token_id, output_size=size),
-                    position_ids=torch.nested.to_padded_tensor(position_ids, 0, output_size=size),
-                    attention_mask=build_attention_mask_from_nested(input_ids, max_seq_len=size[1]),
-                    use_cache=False,
-                )
-                rows = zip(output.logits, lengths.tolist(), strict=True)
-                logits = torch.cat([row[:length] for row, length in rows])
+        lengths = input_ids.offsets().diff()
+        if non_tensor(data, "use_remove_padding", default=True):
+            inputs = {
+                "input_ids": input_ids.values().unsqueeze(0),
+                "position_ids": position_ids.values().unsqueeze(0),
+                "attention_mask": None,
+            }
+        else:
+            pad_token_id = non_tensor(data, "pad_token_id", default=0)
+            size = (input_ids.shape[0], int(lengths.max()))
+            inputs = {
+                "input_ids": torch.nested.to_padded_tensor(input_ids, pad_token_id, output_size=size),
+                "position_ids": torch.nested.to_padded_tensor(position_ids, 0, output_size=size),
+                "attention_mask": build_attention_mask_from_nested(input_ids, max_seq_len=size[1]),
+            }
+
+        def packed(hidden: torch.Tensor) -> torch.Tensor:
+            if inputs["attention_mask"] is None:
+                return hidden[0]
+            return torch.cat([row[:length] for row, length in zip(hidden, lengths.tolist(), strict=True)])
+
+        result, _ = self._forward(inputs, lambda hidden: use(packed(hidden), self.head))
+        return result
+
+    def _forward(self, inputs: dict, use: Callable[[torch.Tensor], Result]) -> tuple[Result, torch.Tensor]:
+        """``use`` of the body's output inside the forward, and the model's own logits (one position)."""
+        results = []
+        hook = self.body.register_forward_hook(lambda _module, _args, output: results.append(use(output[0])))
+        try:
+            with torch.autocast(device_type=inputs["input_ids"].device.type, enabled=False):
+                output = self.model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            hook.remove()
         if self.sharded:
             # FSDP2 keeps the root module's parameters gathered after a forward; free them now.
             self.model.reshard()
-        return logits
+        (result,) = results
+        return result, output.logits
+
+    @torch.no_grad()
+    def _check_head(self, device: torch.device) -> None:
+        """The model's own logits at a few positions equal its output layer applied to the hidden states
+        the body hook sees (what `body_and_head` assumes): a model that transforms its logits after the
+        output layer (soft-capping, a logit scale) is refused here, not silently mis-scored."""
+        ids = torch.arange(4, device=device).unsqueeze(0)
+        inputs = {"input_ids": ids, "position_ids": ids, "attention_mask": None}
+        ours, logits = self._forward(inputs, lambda hidden: self.head(hidden[:, -1:]).float())
+        if not torch.allclose(ours, logits.float(), rtol=1e-3, atol=1e-3):
+            raise TeacherStructureError(
+                f"{type(self.model).__name__}'s logits are not its output layer applied to its final hidden "
+                f"states (largest difference {(ours - logits.float()).abs().max().item():.3g}): the fsdp "
+                "teacher's blocked output layer cannot score this model"
+            )
 
 
 _LOADED: dict[TeacherSpec, LoadedTeacher] = {}
@@ -227,20 +319,9 @@ def loaded_teacher(spec: TeacherSpec, device: torch.device) -> LoadedTeacher:
     return _LOADED[spec]
 
 
-def _on_student_vocabulary(teacher_logits: torch.Tensor, student_vocab: int) -> torch.Tensor:
-    """Teacher logits over the student's ids ``[0, student_vocab)``: rows past the student's embedding
-    (padding rows, teacher-only added tokens) dropped, ids the teacher lacks given -inf (probability 0).
-    `ta_opd_verl.vocab.check_same_vocabulary` has checked that the ids in common mean the same tokens."""
-    teacher_vocab = teacher_logits.shape[-1]
-    if teacher_vocab >= student_vocab:
-        return teacher_logits[:, :student_vocab]
-    missing = teacher_logits.new_full((teacher_logits.shape[0], student_vocab - teacher_vocab), -math.inf)
-    return torch.cat([teacher_logits, missing], dim=-1)
-
-
-def score_with_teacher_logits(
+def score_with_teacher(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_log_probs: LogProbBlocks,
     sampled_ids: torch.Tensor,
     *,
     k: int,
@@ -252,22 +333,17 @@ def score_with_teacher_logits(
     student_prob_floor: float = DEFAULT_PROB_FLOOR,
     teacher_list: str = "all",
 ) -> dict[str, torch.Tensor]:
-    """The scoring forward's per-token outputs, each ``(1, total_nnz)``, from both models' logits.
+    """The scoring forward's per-token outputs, each ``(1, total_nnz)``, from both models.
 
-    ``student_logits`` ``(1, N, V)`` as verl hands them to the processor; ``teacher_logits`` ``(N, V_T)`` in
-    the same order; ``sampled_ids`` ``(N,)`` the next token at each position. Returns D and C, the student's
-    top-k entropy with ``entropy_mode=topk``, and the teacher rows as `teacher_entry_fields`; with
-    ``lower_bound_outputs`` also the lower-bound D and C, which cost one more pass over the student's
-    logits."""
-    vocab = student_logits.shape[-1]
-    teacher_logits = _on_student_vocabulary(teacher_logits, vocab)
+    ``student_logits`` ``(1, N, V)`` as verl hands them to the processor; ``teacher_log_probs`` the
+    teacher's log-probs in the same order, block by block (`ta_opd_verl.teacher_head`: from its hidden
+    states, or ``logit_log_prob_blocks`` of its logits); ``sampled_ids`` ``(N,)`` the next token at each
+    position. Returns D and C, the student's top-k entropy with ``entropy_mode=topk``, and the teacher rows
+    as `teacher_entry_fields`; with ``lower_bound_outputs`` also the lower-bound D and C, which cost one
+    more pass over the student's logits."""
     student_topk_ids = torch.topk(student_logits[0], k, dim=-1).indices
     top_ids, top_logprobs, at_student_topk, at_sampled = teacher_entries(
-        teacher_logits,
-        student_topk_ids,
-        sampled_ids,
-        topk,
-        chunk_rows=max(1, _BLOCK_BYTES // (4 * vocab)),
+        teacher_log_probs, student_topk_ids, sampled_ids, topk
     )
 
     def scored(exact: torch.Tensor | None, mode: str):

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ta_opd_verl.config import TAOPDConfigError
 from ta_opd_verl.protocol import TEACHER_IDS_FIELD, TEACHER_LOGPROBS_FIELD, split_teacher_entries
 from ta_opd_verl.teachability import token_statistics
-from ta_opd_verl.teachers.base import TEACHER_KEY, Teacher, skipped_entropy, statistics_outputs
+from ta_opd_verl.teachers.base import LOSS_KEY, TEACHER_KEY, Teacher, skipped_entropy, statistics_outputs
 from ta_opd_verl.verl_fence.rollout import register_vllm_replica
 from ta_opd_verl.verl_fence.worker import slice_for_sequence_parallel
 
@@ -79,6 +79,13 @@ class ServerTeacher(Teacher):
                 "distillation.distillation_loss.ta_opd.compatibility=exact needs the teacher's log-probs at "
                 "the student's top-K ids, which verl's teacher servers cannot return; accepted with server "
                 f"teachers: lower_bound (or set {TEACHER_KEY}=fsdp: the colocated teacher gives exact C)"
+            )
+        if loss_config.ta_opd.loss == "reverse_kl_full":
+            raise TAOPDConfigError(
+                f"{LOSS_KEY}=reverse_kl_full needs the teacher's whole distribution at the selected "
+                "positions, which verl's teacher servers do not return (only their top-K); accepted with "
+                f"server teachers: pg_k1, reverse_kl_topk, reverse_kl_topk_tail (or set {TEACHER_KEY}=fsdp: "
+                "the colocated teacher gives the full-vocabulary reverse KL)"
             )
 
     def prepare_config(self, config: DictConfig) -> None:

@@ -5,20 +5,24 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from ta_opd_verl.batch_selection import (
     load_selection_dump,
+    load_selection_header,
     load_trained_positions,
     select_rollout_batch,
+    selection_dump,
     selection_from_records,
     selection_records,
     stable_sample_ids,
     stable_sample_order,
     trained_position_records,
+    write_selection_dump,
     write_trained_positions,
 )
-from ta_opd_verl.teachability import SelectionRules, TokenStatistics
+from ta_opd_verl.teachability import SelectionRules, TokenStatistics, select_from_scores
 
 SETTINGS = dict(rules=SelectionRules(), seed=3, global_step=1)
 
@@ -153,3 +157,36 @@ def test_the_updates_trained_positions_are_written_per_worker_and_read_back(tmp_
     write_trained_positions(tmp_path, 2, records[1:])
     assert load_trained_positions(tmp_path, 2) == records
     assert load_trained_positions(tmp_path, 3) == []
+
+
+def test_the_dumped_scores_are_what_the_selector_ranked_by_and_the_header_counts_the_selection(tmp_path):
+    stats = _stats(4, 7, seed=5)
+    valid = torch.ones(4, 7, dtype=torch.bool)
+    valid[1, 4:] = False
+    valid[2] = False  # a padding row: not dumped
+    ids = ["d", "b", "x", "a"]
+    selection = dict(selector="random", ratio=0.25, **SETTINGS)
+    mask, _ = select_rollout_batch(stats, valid, ids, **selection)
+    records, header = selection_dump(ids, [[1]] * 4, [[7] * 7] * 4, stats, valid, mask, **selection)
+    write_selection_dump(tmp_path, 1, records, header)
+    (read_back,) = load_selection_dump(tmp_path).values()
+    assert read_back == json.loads(json.dumps(records))
+    # The random draws are the selection's own: the dumped scores' top-n is the selection.
+    score = torch.zeros(4, 7, dtype=torch.float64)
+    by_id = {record["sample_id"]: record for record in read_back}
+    for row, sample_id in enumerate(ids):
+        if sample_id in by_id:
+            score[row, : len(by_id[sample_id]["score"])] = torch.tensor(by_id[sample_id]["score"])
+    assert torch.equal(select_from_scores("random", score, valid, 0.25), mask)
+    # D̃ is Eq. 11 over the valid positions: q_low of D maps to 0, q_high to 1, clipped between.
+    levels = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
+    low, median, high = torch.quantile(stats.disagreement[valid].double(), levels).tolist()
+    expected = ((stats.disagreement[0].double() - low) / (high - low + 1e-12)).clamp(0, 1)
+    assert torch.allclose(torch.tensor(by_id["d"]["disagreement_norm"], dtype=torch.float64), expected)
+    saved = load_selection_header(tmp_path, 1)
+    assert saved == json.loads(json.dumps(header))
+    assert (saved["selector"], saved["ratio"], saved["step"]) == ("random", 0.25, 1)
+    assert saved["kept_positions"] == int(mask.sum()) == math.ceil(0.25 * int(valid.sum()))
+    assert saved["kept_fraction"] == saved["kept_positions"] / int(valid.sum())
+    assert saved["quantiles"]["disagreement"] == pytest.approx([low, median, high], rel=1e-12)
+    assert load_selection_header(tmp_path, 2) is None

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ta_opd_verl import teachability
 from ta_opd_verl.teachability import TokenStatistics, teacher_entries, token_statistics
+from ta_opd_verl.teacher_head import logit_log_prob_blocks
 
 NEG_INF = float("-inf")
 
@@ -388,7 +389,10 @@ def test_teacher_entries_equal_a_full_softmax_of_the_teacher_for_any_chunking():
     probs = torch.softmax(logits.double(), dim=-1)  # the reference: the teacher's whole distribution
     for chunk_rows in (1, 4, 11, 64):
         top_ids, top_logprobs, at_student, at_sampled = teacher_entries(
-            logits, student_topk_ids, sampled_ids, teacher_topk=6, chunk_rows=chunk_rows
+            logit_log_prob_blocks(logits, vocab=50, block_rows=chunk_rows),
+            student_topk_ids,
+            sampled_ids,
+            teacher_topk=6,
         )
         torch.testing.assert_close(top_logprobs.double(), probs.log().topk(6, dim=-1).values)
         torch.testing.assert_close(top_logprobs.double(), probs.log().gather(-1, top_ids))

@@ -1,6 +1,6 @@
 """End to end through verl's real `python -m verl.trainer.main_ppo` on CPU with the colocated teacher
-(``ta_opd.teacher=fsdp``) and the tiny pair: one verl start-up (about 1.5 minutes on a quiet 2-core
-machine) plus 3 steps.
+(``ta_opd.teacher=fsdp``) and the tiny pair, once per loss that reads the teacher's distribution in the
+update: one verl start-up (about 1.5 minutes on a quiet 2-core machine) plus 3 steps each.
 
 Ray is given ONE logical GPU: the actor/rollout pool takes it, so verl's teacher pool (one more GPU with
 ``distillation.n_gpus_per_node=1``) could not even be placed (``RayResourcePool._check_resource_available``
@@ -31,12 +31,15 @@ def pair():
     return build_tiny_pair()
 
 
-def test_ta_opd_with_the_colocated_fsdp_teacher_trains_on_one_logical_gpu(pair, tmp_path):
+# reverse_kl_topk reads the rows the scoring stored; reverse_kl_full runs the teacher again in the update.
+@pytest.mark.parametrize("loss", ["reverse_kl_topk", "reverse_kl_full"])
+def test_ta_opd_with_the_colocated_fsdp_teacher_trains_on_one_logical_gpu(pair, tmp_path, loss):
     dump = tmp_path / "selection"
     result = run_verl(
         "ta_opd_cpu",
         [
             *tiny_pair_overrides(pair),
+            f"distillation.distillation_loss.ta_opd.loss={loss}",
             "distillation.distillation_loss.ta_opd.teacher=fsdp",
             f"distillation.distillation_loss.ta_opd.teacher_path={pair.teacher}",
             "distillation.distillation_loss.ta_opd.compatibility=exact",
@@ -54,7 +57,7 @@ def test_ta_opd_with_the_colocated_fsdp_teacher_trains_on_one_logical_gpu(pair, 
     # TransferQueue is asked for the machine's cores: none of its per-call thread-count warnings.
     assert "should not exceed total physical CPU cores" not in result.log_path.read_text()
     memory = result.peak_memory_gib
-    print(f"fsdp teacher: {STEPS} steps, {result.wall_seconds:.0f}s, peak memory +{memory:.1f} GiB")
+    print(f"fsdp teacher, {loss}: {STEPS} steps, {result.wall_seconds:.0f}s, peak memory +{memory:.1f} GiB")
     data = {entry["step"]: entry["data"] for entry in result.metrics()}
     assert sorted(data) == list(range(1, STEPS + 1))
     prefix = "actor/ta_opd/"

@@ -8,7 +8,7 @@ temperature 1) and its output is read by TA-OPD's server extraction
 (`ta_opd_verl.teachers.server.extract_prompt_logprobs_with_sampled_token`), so both sides give rows in the
 layout the update reads: the teacher's top-K ids and log-probs, then the sampled token. The fsdp side runs
 the worker's own processor path (``TAOPDLossFunction`` -> ``score_micro_batch`` -> ``LoadedTeacher`` ->
-``score_with_teacher_logits``) and the trainer's ``stack_teacher_rows``.
+``score_with_teacher``) and the trainer's ``stack_teacher_rows``.
 
 Tolerances (absolute, on natural-log probabilities):
 - both float32: 1e-3 for every id. Measured: at most 2e-5 (243 positions x 16 ids, and the sampled
@@ -183,21 +183,27 @@ def _fsdp_rows(pair, student, sequences, dtype: str, use_remove_padding: bool):
 
 def _rows_at_temperature(pair, student, sequences, temperature: float):
     """The rows a processor would give with the teacher's logits divided by ``temperature``."""
-    from ta_opd_verl.teachers.colocated import TeacherSpec, loaded_teacher, score_with_teacher_logits
+    from ta_opd_verl.teacher_head import logit_log_prob_blocks
+    from ta_opd_verl.teachers.colocated import TeacherSpec, loaded_teacher, score_with_teacher
 
     data = _micro_batch(sequences, use_remove_padding=False)
     spec = TeacherSpec(path=str(pair.teacher), dtype="float32", attn_implementation="sdpa", fsdp_size=-1)
-    teacher_logits = loaded_teacher(spec, torch.device("cpu")).logits(data)
-    outputs = score_with_teacher_logits(
-        _student_logits(student, sequences),
-        teacher_logits / temperature,
-        torch.roll(data["input_ids"].values(), -1),
-        k=K,
-        topk=TOPK,
-        student_probs="exact",
-        entropy_mode="full",
-        exact_compatibility=True,
-    )
+    student_logits = _student_logits(student, sequences)
+    vocab = student_logits.shape[-1]
+
+    def score(hidden, head):
+        return score_with_teacher(
+            student_logits,
+            logit_log_prob_blocks(head(hidden) / temperature, vocab=vocab, block_rows=hidden.shape[0]),
+            torch.roll(data["input_ids"].values(), -1),
+            k=K,
+            topk=TOPK,
+            student_probs="exact",
+            entropy_mode="full",
+            exact_compatibility=True,
+        )
+
+    outputs = loaded_teacher(spec, torch.device("cpu")).run_with_head(data, score)
     return _rows_per_sequence(outputs, data)
 
 

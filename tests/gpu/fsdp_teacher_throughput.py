@@ -42,6 +42,7 @@ import torch
 # The repository root, so `ta_opd_verl.teachability` (torch only) imports without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from ta_opd_verl.teachability import teacher_entries, token_statistics  # noqa: E402
+from ta_opd_verl.teacher_head import logit_log_prob_blocks  # noqa: E402
 
 REPORT_NAME = "gpu_check.json"
 QWEN3_VOCAB = 151_669  # tokens of the Qwen2/2.5/3 tokenizer
@@ -168,7 +169,10 @@ def measure(args: argparse.Namespace) -> dict:
                 teacher_logits = teacher(input_ids=context).logits.reshape(tokens, args.vocab)
             with timer.phase("teacher_gathers"):
                 top_ids, top_logprobs, at_student_topk, at_sampled = teacher_entries(
-                    teacher_logits, student_topk_ids, sampled_ids, args.teacher_topk, args.chunk_rows
+                    logit_log_prob_blocks(teacher_logits, vocab=args.vocab, block_rows=args.chunk_rows),
+                    student_topk_ids,
+                    sampled_ids,
+                    args.teacher_topk,
                 )
             del teacher_logits
             # (i) student side, continued: D, exact C and H from the teacher's answers, with the library's

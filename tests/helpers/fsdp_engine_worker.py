@@ -38,6 +38,7 @@ PLANTED = {0: (0, 2, 5), 1: (1, 3), 2: (6,), 3: (0, 3, 4), 6: (2, 3, 6)}
 CASES = (
     ("reverse_kl_topk", "token-mean"),
     ("reverse_kl_topk", "seq-mean-token-mean"),
+    ("reverse_kl_topk_tail", "token-mean"),
     ("pg_k1", "token-mean"),
 )
 
@@ -96,6 +97,8 @@ def make_rollout_batch() -> dict:
         logprobs = torch.sort(
             -torch.rand(length, TEACHER_TOPK, generator=generator) * 4, dim=-1, descending=True
         )[0]
+        # A teacher's top-K holds part of its mass (here 80%): the tail loss reads the rest.
+        logprobs = logprobs - torch.logsumexp(logprobs, -1, keepdim=True) + math.log(0.8)
         sampled = -torch.rand(length, 1, generator=generator) * 6
         teacher_logprobs.append(torch.cat([logprobs, sampled], dim=-1))
     entropy = torch.rand(SAMPLES, longest, generator=generator)
@@ -212,6 +215,7 @@ def rank_main(
     from verl.utils import tensordict_utils as tu
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
+    from ta_opd_verl.config import LOGITS_LOSSES
     from ta_opd_verl.loss import TAOPDLossFunction
     from ta_opd_verl.protocol import PHASE_KEY, TRAIN_PHASE
     from ta_opd_verl.teachers import resolve_teacher
@@ -244,7 +248,7 @@ def rank_main(
         # The flags TA-OPD's trainer sets in `_update_actor` (ta_opd_verl/trainer.py).
         flags = {
             PHASE_KEY: TRAIN_PHASE,
-            "distillation_use_topk": loss == "reverse_kl_topk",
+            "distillation_use_topk": loss in LOGITS_LOSSES,
             "distillation_only": False,
             "calculate_entropy": False,
             "global_batch_size": SAMPLES,

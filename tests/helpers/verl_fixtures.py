@@ -60,6 +60,7 @@ def synthetic_micro_batch(
         loss_masks.append(mask)
     data = TensorDict(
         {
+            "input_ids": nested([torch.cat(pair) for pair in zip(prompts, responses, strict=True)]),
             "prompts": nested(prompts),
             "responses": nested(responses),
             "teacher_ids": nested(teacher_ids),

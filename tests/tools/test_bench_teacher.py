@@ -19,7 +19,8 @@ from ta_opd_verl.protocol import (
     LOWER_BOUND_COMPATIBILITY_FIELD,
     LOWER_BOUND_DISAGREEMENT_FIELD,
 )
-from ta_opd_verl.teachers.colocated import dumps_lower_bound, score_with_teacher_logits
+from ta_opd_verl.teacher_head import logit_log_prob_blocks
+from ta_opd_verl.teachers.colocated import dumps_lower_bound, score_with_teacher
 
 SELECTION = {"selector": "teachability", "ratio": 0.25, "min_keep": 0, "seed": 0}
 
@@ -173,12 +174,12 @@ def test_lower_bound_outputs_are_what_compatibility_lower_bound_scores():
     sampled = torch.randint(0, 40, (12,), generator=generator)
     common = {"k": 4, "topk": 6, "student_probs": "exact", "entropy_mode": "full"}
 
-    exact = score_with_teacher_logits(
-        student_logits, teacher_logits, sampled, exact_compatibility=True, lower_bound_outputs=True, **common
-    )
-    lower = score_with_teacher_logits(
-        student_logits, teacher_logits, sampled, exact_compatibility=False, **common
-    )
+    def scored(**options):
+        blocks = logit_log_prob_blocks(teacher_logits, vocab=40, block_rows=5)
+        return score_with_teacher(student_logits, blocks, sampled, **options, **common)
+
+    exact = scored(exact_compatibility=True, lower_bound_outputs=True)
+    lower = scored(exact_compatibility=False)
     assert LOWER_BOUND_COMPATIBILITY_FIELD not in lower and LOWER_BOUND_DISAGREEMENT_FIELD not in lower
     assert torch.equal(exact[LOWER_BOUND_COMPATIBILITY_FIELD], lower[COMPATIBILITY_FIELD])
     assert torch.equal(exact[LOWER_BOUND_DISAGREEMENT_FIELD], lower[DISAGREEMENT_FIELD])

@@ -81,11 +81,11 @@ def test_aggregate_groups_by_selector_and_ratio_in_order_of_appearance():
 
 def test_render_table_shows_mean_plus_minus_std_and_a_dash_for_one_seed():
     expected = (
-        "| selector | ρ | seeds | kept fraction | accuracy gain (points) | held-out reverse-KL reduction "
-        "(nats) | wall (s) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|\n"
-        "| teachability | 0.05 | 3 | 9.0% | +4.0 ± 2.0 | +0.2000 ± 0.1000 | 180 ± 10 |\n"
-        "| teachability | 0.01 | 1 | 3.0% | -1.0 ± – | +0.0500 ± – | 175 ± – |\n"
+        "| selector | loss | ρ | seeds | kept fraction | accuracy gain (points) | held-out reverse-KL "
+        "reduction (nats) | wall (s) |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|\n"
+        "| teachability | reverse_kl_topk | 0.05 | 3 | 9.0% | +4.0 ± 2.0 | +0.2000 ± 0.1000 | 180 ± 10 |\n"
+        "| teachability | reverse_kl_topk | 0.01 | 1 | 3.0% | -1.0 ± – | +0.0500 ± – | 175 ± – |\n"
     )
     assert render_table(aggregate(FIXED_RESULTS)) == expected
 
@@ -148,6 +148,58 @@ def test_a_run_is_the_demo_shortened_with_its_own_selector_ratio_and_checkpoint(
         f"{TA_OPD}.selector=entropy",
         "trainer.save_freq=7",
     ]
+
+
+LOSSES = ["pg_k1", "reverse_kl_topk", "reverse_kl_topk_tail", "reverse_kl_full"]
+
+
+def test_the_loss_is_a_dimension_the_demos_loss_keeping_the_names_runs_had():
+    plan = comparison_plan(selectors=["teachability", "full"], seeds=3, budgets=[], losses=LOSSES)
+    assert len(plan) == 24 and len({run.name for run in plan}) == 24
+    # Seed-major: one run of each (loss, selector) first.
+    assert [(run.loss, run.selector) for run in plan[:8]] == [
+        (loss, s) for loss in LOSSES for s in ("teachability", "full")
+    ]
+    assert {run.seed for run in plan[:8]} == {0}
+    names = {(run.loss, run.selector, run.seed): run.name for run in plan}
+    assert names["reverse_kl_topk", "teachability", 1] == "teachability-r0.05-s1"  # the demo's loss
+    assert names["reverse_kl_full", "full", 2] == "full-reverse_kl_full-r0.05-s2"
+    with_budgets = comparison_plan(selectors=["teachability"], seeds=1, budgets=[0.1], losses=LOSSES[:2])
+    assert [run.name for run in with_budgets] == [
+        "teachability-pg_k1-r0.05-s0",
+        "teachability-r0.05-s0",
+        "teachability-pg_k1-r0.1-s0",
+        "teachability-r0.1-s0",
+    ]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_runs_loss_reaches_verl_with_the_policy_gradient_only_for_pg_k1(loss):
+    overrides = run_overrides(PlannedRun("teachability", 0.05, 0, loss), steps=7, lr=1e-4, pair=PAIR)
+    demo = run_overrides(PlannedRun("teachability", 0.05, 0), steps=7, lr=1e-4, pair=PAIR)
+    assert f"{TA_OPD}.loss={loss}" in overrides
+    added = sorted(set(overrides) - set(demo))
+    if loss == "reverse_kl_topk":  # the demo's: nothing to add
+        assert added == []
+    else:
+        assert added == sorted(
+            [f"{TA_OPD}.loss={loss}", f"distillation.distillation_loss.use_policy_gradient={loss == 'pg_k1'}"]
+        )
+
+
+def test_results_are_grouped_by_loss_and_a_result_without_one_ran_the_demos(tmp_path):
+    tail = {**FIXED_RESULTS[0], "loss": "reverse_kl_topk_tail", "accuracy_after": 0.2}
+    rows = aggregate([*FIXED_RESULTS, tail])
+    assert [(row["selector"], row["loss"], row["ratio"], row["n"]) for row in rows] == [
+        ("teachability", "reverse_kl_topk", 0.05, 3),
+        ("teachability", "reverse_kl_topk", 0.01, 1),
+        ("teachability", "reverse_kl_topk_tail", 0.05, 1),
+    ]
+    assert rows[2]["gain"]["mean"] == pytest.approx(0.16)
+    plan = comparison_plan(selectors=["teachability"], seeds=1, budgets=[], losses=LOSSES[1:3])
+    write_outputs(tmp_path, plan, [*FIXED_RESULTS, tail], SETTINGS)
+    assert "| teachability | reverse_kl_topk_tail | 0.05 | 1 |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 
 def test_dry_run_lists_the_22_runs_with_their_overrides_and_runs_nothing(tmp_path, capsys):
@@ -309,8 +361,9 @@ def test_only_runs_one_planned_run_and_rejects_an_unknown_name(tmp_path, capsys)
         (["--budgets", "abc"], "comma-separated numbers in (0, 1] are accepted"),
         (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
         (["--seeds", "-1"], "argument --seeds: must be an integer >= 1, got -1"),
+        (["--losses", "k3"], "unknown loss(es) ['k3']; choose from pg_k1, reverse_kl_topk"),
     ],
-    ids=["budget-above-one", "budget-zero", "budget-not-a-number", "no-steps", "negative-seeds"],
+    ids=["budget-above-one", "budget-zero", "budget-not-a-number", "no-steps", "negative-seeds", "loss"],
 )
 def test_a_plan_that_cannot_run_is_refused_before_anything_is_planned(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

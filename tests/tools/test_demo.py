@@ -27,6 +27,7 @@ from ta_opd_verl.demo.run import (
     TEST_FREQ,
     demo_run_overrides,
     run_demo,
+    selection_dump_folder,
 )
 from ta_opd_verl.tiny.build import planned_pair
 
@@ -54,6 +55,8 @@ def test_the_demo_reports_and_ta_opd_raises_validation_accuracy_by_fifteen_point
     assert 0.05 <= saved["kept_fraction"] < 0.12
     assert saved["teacher_accuracy"] > 0.9
     assert (tmp_path / "report.png").stat().st_size > 10_000
+    page = (tmp_path / "selection.html").read_text()
+    assert f"<title>TA-OPD selection: step {DEMO_STEPS}</title>" in page
     curve = saved["validation_accuracy_by_step"]
     assert sorted(map(int, curve)) == list(range(0, DEMO_STEPS + 1, TEST_FREQ))
     gain = saved["student_accuracy_after"] - saved["student_accuracy_before"]
@@ -104,3 +107,17 @@ def test_the_report_plot_draws_accuracy_and_the_reverse_kl_with_its_trailing_mea
     assert list(smoothed.get_ydata()) == trailing_mean(list(reverse_kl.values()), REVERSE_KL_WINDOW)
     plot_report(report, tmp_path / "report.png")
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_demos_selection_page_reads_the_dump_the_run_writes():
+    demo = ["a=1", "distillation.distillation_loss.ta_opd.selection_dump_dir=/run/selection", "b=2"]
+    assert selection_dump_folder(demo) == "/run/selection"
+    # Hydra keeps the last value of a key: the caller's own folder, or none.
+    assert (
+        selection_dump_folder([*demo, "distillation.distillation_loss.ta_opd.selection_dump_dir=/mine"])
+        == "/mine"
+    )
+    assert (
+        selection_dump_folder([*demo, "distillation.distillation_loss.ta_opd.selection_dump_dir=null"])
+        is None
+    )

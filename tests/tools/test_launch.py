@@ -15,8 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ta_opd_verl.cli.train import StartupPhases, failure_reason, keep_file_logger, supervise
+from ta_opd_verl.cli.train import LOG_FILE, StartupPhases, failure_reason, keep_file_logger, supervise
 from ta_opd_verl.cli.train import main as train_main
+from ta_opd_verl.compare.plan import comparison_plan
 
 # Stands in for verl: writes its pid, then one metrics line, then sleeps until stopped.
 CHILD = textwrap.dedent(
@@ -158,42 +159,83 @@ def test_ta_opd_train_refuses_bad_arguments_before_anything_starts(argv, message
     assert message in capsys.readouterr().err
 
 
-def _session_processes(session: int) -> list[psutil.Process]:
-    processes = []
+def _session_processes(sessions: set[int]) -> dict[int, str]:
+    """The live processes whose session is one of ``sessions``: pid -> the start of its command line."""
+    processes = {}
     for process in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error):
-            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
-                processes.append(process)
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(process.pid) in sessions and process.status() != psutil.STATUS_ZOMBIE:
+                processes[process.pid] = " ".join(process.cmdline()[:3])
     return processes
 
 
+def _child_sessions(pid: int) -> set[int]:
+    """The sessions of ``pid``'s descendants (a child started with its own session has a new one)."""
+    sessions = set()
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            sessions.add(os.getsid(child.pid))
+    return sessions
+
+
+def _ray_started(out: Path, stderr: str) -> bool:
+    """verl has started Ray in a run under ``out`` (compare keeps each run in runs/<name>/)."""
+    return any(
+        "Started a local Ray instance" in log.read_text(errors="replace") for log in out.rglob(LOG_FILE)
+    )
+
+
+def _diagnostic_sampling(out: Path, stderr: str) -> bool:
+    return "[sampling bank]" in stderr
+
+
+# Each command interrupted in the middle of its work: the three that run verl's trainer once verl has
+# started Ray, the diagnostic (no verl) in its first loop.
+CTRL_C_RUNS = {
+    "train": (["train", "--steps", "1"], _ray_started),
+    "demo": (["demo", "--steps", "1"], _ray_started),
+    "compare": (["compare", "--only", comparison_plan()[0].name, "--steps", "1"], _ray_started),
+    "diagnose": (["diagnose"], _diagnostic_sampling),
+}
+
+
 @pytest.mark.e2e
-def test_ctrl_c_stops_ta_opd_train_during_start_up_with_nothing_left(tmp_path):
-    """Ctrl-C (SIGINT to the terminal's process group) once verl has started Ray: one line, status 130,
-    within 10 s, and no process of the run's session left (Ray's included)."""
-    command = [sys.executable, "-m", "ta_opd_verl.cli.main", "train", "--steps", "1", "--out", str(tmp_path)]
-    train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+@pytest.mark.parametrize("name", CTRL_C_RUNS)
+def test_ctrl_c_stops_ta_opd_with_one_line_and_nothing_of_the_run_left(tmp_path, name):
+    """Ctrl-C (SIGINT to the terminal's process group) in the middle of the work: one line, status 130,
+    within 10 s, and no process left in the command's session or in a session its children started (Ray's
+    processes included)."""
+    arguments, ready = CTRL_C_RUNS[name]
+    out, stderr_path = tmp_path / "out", tmp_path / "stderr"
+    command = [sys.executable, "-m", "ta_opd_verl.cli.main", *arguments, "--out", str(out)]
+    with open(stderr_path, "w") as stderr_file:
+        run = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=stderr_file, cwd=tmp_path, start_new_session=True
+        )
+    sessions = {run.pid}
     try:
-        log = tmp_path / "verl.log"
         deadline = time.monotonic() + 300
-        while not (log.exists() and "Started a local Ray instance" in log.read_text(errors="replace")):
-            assert train.poll() is None and time.monotonic() < deadline, "verl never started Ray"
+        while not ready(out, stderr_path.read_text(errors="replace")):
+            assert run.poll() is None and time.monotonic() < deadline, stderr_path.read_text()[-2000:]
             time.sleep(0.5)
+        sessions |= _child_sessions(run.pid)
         stopped_at = time.monotonic()
-        os.killpg(train.pid, signal.SIGINT)
-        _, stderr = train.communicate(timeout=60)
+        os.killpg(run.pid, signal.SIGINT)
+        run.wait(timeout=60)
         elapsed = time.monotonic() - stopped_at
+        deadline = time.monotonic() + 10
+        while (left := _session_processes(sessions)) and time.monotonic() < deadline:
+            time.sleep(0.5)
     finally:
-        if train.poll() is None:
-            os.killpg(train.pid, signal.SIGKILL)
-    assert train.returncode == 130, stderr.decode()[-2000:]
+        for pid in _session_processes(sessions):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    stderr = stderr_path.read_text(errors="replace")
+    assert run.returncode == 130, stderr[-2000:]
     assert elapsed < 10, f"took {elapsed:.1f}s to stop"
-    assert stderr.decode().strip().splitlines()[-1] == "ta-opd train: interrupted"
-    assert "Traceback" not in stderr.decode()
-    deadline = time.monotonic() + 10
-    while (left := _session_processes(train.pid)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, [process.cmdline()[:3] for process in left]
+    assert stderr.strip().splitlines()[-1] == f"ta-opd {name}: interrupted", stderr[-2000:]
+    assert stderr.count("interrupted") == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert not left, left
 
 
 def test_start_up_phases_are_read_from_verls_log_once_each():

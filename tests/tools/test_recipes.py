@@ -8,8 +8,10 @@ pre-flight model-path and vocabulary check) run only when a real run starts."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +19,14 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from ta_opd_verl.checks import check_ta_opd_config
+from ta_opd_verl.config import SELECTORS
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 PAIR_RECIPES = sorted(
     path
     for path in RECIPES.glob("*.sh")
-    if path.name not in ("common.sh", "sweep.sh") and "single-gpu" not in path.name
+    if path.name not in ("common.sh", "checks.sh", "sweep.sh") and "single-gpu" not in path.name
 )
 SINGLE_GPU_RECIPE = RECIPES / "single-gpu-qwen3-4b-to-qwen3-1.7b.sh"
 SHELL_SCRIPTS = sorted(
@@ -44,24 +47,34 @@ def test_shell_script_parses_and_passes_shellcheck_when_installed(script):
         assert result.returncode == 0, result.stdout
 
 
-def print_arguments(recipe: Path, *extra: str, **env: str) -> list[str]:
-    """The arguments the recipe would give ``python3`` (recipes/common.sh's print mode)."""
-    result = subprocess.run(
+def run_recipe(recipe: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    """``bash recipe extra...`` with ``env`` added to this process's environment (PYTHON: this interpreter,
+    unless ``env`` names one)."""
+    return subprocess.run(
         ["bash", str(recipe), *extra],
-        env={**os.environ, **env, "TA_OPD_PRINT_OVERRIDES": "1"},
+        env={**os.environ, "PYTHON": sys.executable, **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def print_arguments(recipe: Path, *extra: str, **env: str) -> list[str]:
+    """The command the recipe prints in recipes/common.sh's print mode, one shell line split by shlex
+    (as a tool reading it would), checked to start with the interpreter and ``-m verl.trainer.main_ppo``;
+    returns the words after that."""
+    result = run_recipe(recipe, *extra, **env, TA_OPD_PRINT_OVERRIDES="1")
     assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
+    assert len(result.stdout.splitlines()) == 1, result.stdout
+    command = shlex.split(result.stdout)
+    assert command[:3] == [env.get("PYTHON", sys.executable), "-m", "verl.trainer.main_ppo"], command[:3]
+    return command[3:]
 
 
 def compose_arguments(arguments: list[str]):
-    """Compose ``-m verl.trainer.main_ppo --config-path P --config-name N <overrides>`` like main_ppo."""
-    assert arguments[:2] == ["-m", "verl.trainer.main_ppo"], arguments[:2]
-    assert arguments[2] == "--config-path" and arguments[4] == "--config-name", arguments[:6]
-    config_path, config_name, overrides = arguments[3], arguments[5], arguments[6:]
+    """Compose ``--config-path P --config-name N <overrides>`` (main_ppo's arguments) like main_ppo."""
+    assert arguments[0] == "--config-path" and arguments[2] == "--config-name", arguments[:4]
+    config_path, config_name, overrides = arguments[1], arguments[3], arguments[4:]
     with initialize_config_dir(config_dir=config_path, version_base=None):
         return compose(config_name=config_name, overrides=overrides)
 
@@ -102,19 +115,21 @@ def test_recipe_builds_into_verls_config_classes(recipe):
 
 def test_recipe_names_its_pair_and_trailing_overrides_win():
     recipe = RECIPES / "r1-distill-qwen-14b-to-qwen2.5-3b.sh"
-    config = compose_arguments(print_arguments(recipe, "trainer.total_training_steps=7", MODEL_DIR="/models"))
+    config = compose_arguments(
+        print_arguments(recipe, "trainer.total_training_steps=7", MODEL_DIR="/models", RATIO="5e-2")
+    )
     assert config.actor_rollout_ref.model.path == "/models/Qwen2.5-3B"
     assert (
         config.distillation.teacher_models.teacher_model.model_path == "/models/DeepSeek-R1-Distill-Qwen-14B"
     )
     assert config.trainer.total_training_steps == 7
+    # The recipe accepts a ratio as Hydra reads numbers: 5e-2 arrives as 0.05, not as a string.
+    assert config.distillation.distillation_loss.ta_opd.ratio == 0.05
 
 
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"RATIO": "1.5"}, r"ta_opd\.ratio must be a number in \(0, 1\]"),
-        ({"SELECTOR": "teachabilty"}, r"ta_opd\.selector must be one of"),
         ({"K": "64"}, r"ta_opd\.k \(64\) must be <="),
         ({"TEACHER_TP": "3"}, "must divide the distillation resource pool"),
     ],
@@ -123,6 +138,139 @@ def test_a_value_verl_or_ta_opd_rejects_fails_the_check(env, message):
     arguments = print_arguments(PAIR_RECIPES[0], **env)
     with pytest.raises(Exception, match=message):
         build_like_verl(compose_arguments(arguments))
+
+
+@pytest.fixture
+def recording_python(tmp_path) -> tuple[Path, Path]:
+    """(interpreter, argv file): a PYTHON for the recipes that runs their ``-c`` check with this Python and
+    otherwise, instead of starting verl, writes the arguments it was given to the file (NUL-separated)."""
+    python, argv_file = tmp_path / "python", tmp_path / "argv"
+    python.write_text(
+        f'#!/bin/sh\nif [ "$1" = -c ]; then exec {shlex.quote(sys.executable)} "$@"; fi\n'
+        f'printf "%s\\0" "$@" > {shlex.quote(str(argv_file))}\n'
+    )
+    python.chmod(0o755)
+    return python, argv_file
+
+
+def recorded_argv(argv_file: Path) -> list[str]:
+    """The arguments `recording_python` recorded, the file removed for the next call."""
+    argv = argv_file.read_bytes().decode().split("\0")[:-1]
+    argv_file.unlink()
+    return argv
+
+
+def test_the_printed_command_is_the_command_the_recipe_runs(recording_python):
+    """Print mode's line, split by shlex and run through `eval`, is the argv the recipe executes, awkward
+    words (quotes, spaces, `$`) included."""
+    python, argv_file = recording_python
+    awkward = ['trainer.experiment_name=it\'s a "test" of $HOME', "data.seed=[1, 2]"]
+    env = {"PYTHON": str(python), "MODEL_DIR": "/models/with space"}
+    ran = run_recipe(PAIR_RECIPES[0], *awkward, **env)
+    assert ran.returncode == 0, ran.stderr
+    executed = recorded_argv(argv_file)
+    assert executed[-2:] == awkward and "actor_rollout_ref.model.path=/models/with space/Qwen3-4B" in executed
+    printed = run_recipe(PAIR_RECIPES[0], *awkward, **env, TA_OPD_PRINT_OVERRIDES="1").stdout
+    assert shlex.split(printed) == [str(python), *executed]
+    subprocess.run(["bash", "-c", 'eval "$1"', "eval", printed], check=True, timeout=60)
+    assert recorded_argv(argv_file) == executed
+
+
+@pytest.mark.parametrize("venv", [True, False], ids=["clone-venv", "no-venv"])
+def test_without_python_set_the_recipe_finds_the_clones_venv_or_says_how_to_set_it(tmp_path, venv):
+    """A copy of recipes/ beside a .venv whose python is this interpreter, or beside none, with a `python3`
+    first on PATH that cannot import verl (site-packages off)."""
+    shutil.copytree(RECIPES, tmp_path / "recipes")
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    path_python = tmp_path / "bin" / "python3"
+    for script, flags in ((venv_python, ""), (path_python, " -I -S")):
+        script.parent.mkdir(parents=True)
+        script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)}{flags} "$@"\n')
+        script.chmod(0o755)
+    if not venv:
+        shutil.rmtree(tmp_path / ".venv")
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHON"}
+    recipe = tmp_path / "recipes" / PAIR_RECIPES[0].name
+    result = subprocess.run(
+        ["bash", str(recipe)],
+        env={
+            **environment,
+            "PATH": f"{path_python.parent}:{os.environ['PATH']}",
+            "TA_OPD_PRINT_OVERRIDES": "1",
+            "CONF": str(REPO / "conf"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if venv:
+        assert result.returncode == 0, result.stderr
+        assert Path(shlex.split(result.stdout)[0]).resolve() == venv_python.resolve()
+    else:
+        assert result.returncode != 0 and result.stdout == ""
+        message = result.stderr.strip()
+        assert len(message.splitlines()) == 1, message
+        assert "PYTHON=python3 (the default: no .venv in the clone)" in message
+        assert "No module named 'verl'" in message
+        assert f"PYTHON=/path/to/venv/bin/python bash {recipe}" in message
+
+
+# (variable, value, what the message says is accepted); `selector` stands for the package's own list.
+REFUSED_VALUES = [
+    ("RATIO", "abc", "a number in (0, 1]"),
+    ("RATIO", "0", "a number in (0, 1]"),
+    ("RATIO", "1.5", "a number in (0, 1]"),
+    ("RATIO", "0.1.2", "a number in (0, 1]"),
+    ("SEED", "-1", "a non-negative integer"),
+    ("SEED", "007", "a non-negative integer"),
+    ("K", "0", "a positive integer"),
+    ("TEACHER_TOPK", "32x", "a positive integer"),
+    ("ROLLOUT_N", "0", "a positive integer"),
+    ("TRAIN_BATCH_SIZE", "-64", "a positive integer"),
+    ("PPO_MINI_BATCH_SIZE", "2.5", "a positive integer"),
+    ("MAX_RESPONSE_LENGTH", "8k", "a positive integer"),
+    ("TOTAL_STEPS", "0", "a positive integer"),
+    ("SELECTOR", "teachabilty", "selector"),
+]
+
+
+@pytest.mark.parametrize("print_mode", [False, True], ids=["run", "print"])
+@pytest.mark.parametrize(("variable", "value", "accepted"), REFUSED_VALUES, ids=lambda item: str(item))
+def test_a_refused_variable_stops_the_recipe_before_anything_runs_or_prints(
+    recording_python, variable, value, accepted, print_mode
+):
+    python, argv_file = recording_python
+    mode = {"TA_OPD_PRINT_OVERRIDES": "1"} if print_mode else {}
+    result = run_recipe(PAIR_RECIPES[0], **mode, PYTHON=str(python), **{variable: value})
+    assert (result.returncode, result.stdout, argv_file.exists()) == (2, "", False), result.stderr
+    if accepted == "selector":
+        accepted = f"one of {' '.join(SELECTORS)}"
+    assert_one_line_refusal(result.stderr, f"{PAIR_RECIPES[0]}: {variable}: {value}", accepted)
+
+
+def assert_one_line_refusal(stderr: str, refused: str, accepted: str = "") -> None:
+    """``stderr`` is the one line recipes/checks.sh writes for ``refused`` ("<script>: <NAME>: <value>")."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{refused} is not accepted; accepted: {accepted}"), stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SELECTORS", "teachability entropi"),
+        ("RATIOS", "0.05 abc"),
+        ("SEEDS", "0 -1"),
+        ("BASELINE_FULL", "2"),
+    ],
+)
+def test_the_sweep_refuses_a_bad_value_before_its_first_run(tmp_path, variable, value):
+    marker = tmp_path / "ran"
+    recipe = tmp_path / "recipe.sh"
+    recipe.write_text(f"touch {shlex.quote(str(marker))}\n")
+    for dry_run in (["--dry-run"], []):
+        result = run_recipe(RECIPES / "sweep.sh", *dry_run, "--recipe", str(recipe), **{variable: value})
+        assert (result.returncode, result.stdout, marker.exists()) == (2, "", False), result.stderr
+        assert_one_line_refusal(result.stderr, f"{RECIPES / 'sweep.sh'}: {variable}: {value.split()[-1]}")
 
 
 def test_a_renamed_key_fails_the_check(tmp_path):
@@ -140,7 +288,7 @@ def test_a_renamed_key_fails_the_check(tmp_path):
 
 
 def test_single_gpu_recipe_builds_with_the_colocated_teacher_but_does_not_launch_yet():
-    result = subprocess.run(["bash", str(SINGLE_GPU_RECIPE)], capture_output=True, text=True, timeout=60)
+    result = run_recipe(SINGLE_GPU_RECIPE)
     assert result.returncode == 3 and "not yet runnable" in result.stderr
     config = compose_arguments(print_arguments(SINGLE_GPU_RECIPE, MODEL_DIR="/models"))
     loss = build_like_verl(config)["distillation"].distillation_loss
@@ -149,12 +297,14 @@ def test_single_gpu_recipe_builds_with_the_colocated_teacher_but_does_not_launch
 
 
 def test_sweep_dry_run_lists_every_cell_and_each_builds(tmp_path):
-    result = subprocess.run(
-        ["bash", str(RECIPES / "sweep.sh"), "--dry-run", "--", "trainer.total_training_steps=3"],
-        env={**os.environ, "SELECTORS": "teachability entropy", "RATIOS": "0.01 0.20", "SEEDS": "0 1"},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_recipe(
+        RECIPES / "sweep.sh",
+        "--dry-run",
+        "--",
+        "trainer.total_training_steps=3",
+        SELECTORS="teachability entropy",
+        RATIOS="0.01 0.20",
+        SEEDS="0 1",
     )
     assert result.returncode == 0, result.stderr
     commands = result.stdout.splitlines()

@@ -5,6 +5,8 @@ vLLM-CPU head size, clear errors. The first test to run builds the default pair 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -75,6 +77,25 @@ def test_cache_hit_is_fast_and_does_not_retrain(pair):
 def test_cli_cache_hit(pair, capsys):
     assert tiny_build.main(["--out", str(pair.root), "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(pair.root)
+
+
+def test_ta_opd_build_tiny_quiet_prints_only_the_folder(tmp_path):
+    """A fresh (shortened) build through the command line: the folder on stdout, and on stderr at most the
+    warning that a shortened pair misses the accuracy targets; no progress bar (transformers' tqdm writes
+    one when it saves each model, terminal or not)."""
+    out = tmp_path / "pair"
+    shortened = ["--teacher-steps", "2", "--student-steps", "2", "--eval-problems", "4"]
+    shortened += ["--train-rows", "8", "--val-rows", "8"]
+    command = [sys.executable, "-m", "ta_opd_verl.cli.main", "build-tiny", "--out", str(out), "--quiet"]
+    result = subprocess.run(
+        [*command, *shortened],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{out}\n"
+    assert all(line.startswith("tiny pair: WARNING") for line in result.stderr.splitlines()), result.stderr
 
 
 def test_two_fresh_shortened_builds_are_bitwise_identical(tmp_path):

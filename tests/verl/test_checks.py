@@ -173,6 +173,21 @@ def test_exact_compatibility_with_server_teachers_is_still_refused():
         check_ta_opd_config(config)
 
 
+def test_full_vocabulary_reverse_kl_with_server_teachers_is_refused_naming_the_key():
+    config = _config("distillation.distillation_loss.ta_opd.loss=reverse_kl_full")
+    with pytest.raises(TAOPDConfigError) as info:
+        check_ta_opd_config(config)
+    message = str(info.value)
+    assert message.startswith("distillation.distillation_loss.ta_opd.loss=reverse_kl_full needs")
+    assert "reverse_kl_topk_tail" in message and "ta_opd.teacher=fsdp" in message
+
+
+def test_the_new_losses_pass_the_checks_where_their_teacher_gives_them(pair):
+    check_ta_opd_config(_config("distillation.distillation_loss.ta_opd.loss=reverse_kl_topk_tail"))
+    for loss in ("reverse_kl_topk_tail", "reverse_kl_full"):
+        check_ta_opd_config(_fsdp_config(pair.teacher, f"distillation.distillation_loss.ta_opd.loss={loss}"))
+
+
 def test_several_server_teachers_are_refused_with_the_fsdp_teacher(pair):
     config = _fsdp_config(pair.teacher)
     second = OmegaConf.to_container(config.distillation.teacher_models.teacher_model)

@@ -6,7 +6,8 @@ of the batch with the selection as ``loss_mask`` and trains through verl 0.9.1's
 (``train_mini_batch`` -> ``FSDPEngine.forward_backward_batch``, which counts ``loss_mask`` over all ranks as
 ``batch_num_tokens``; FSDP2 averages gradients over ranks) with TA-OPD's loss. The loss verl reports and
 the gradient it hands the optimizer must equal those of one unsharded copy of the model trained on the
-mean over the selected positions of the whole batch (Eq. 7), for each loss and aggregation TA-OPD offers.
+mean over the selected positions of the whole batch (Eq. 7), for each loss and aggregation TA-OPD offers
+without a colocated teacher (`reverse_kl_full` runs the teacher: tests/verl/test_teacher_colocated.py).
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ def _per_token_losses(model, batch: dict, loss: str, old_log_probs: list[torch.T
             student_on_support = torch.log_softmax(student.gather(-1, support), dim=-1)
             teacher_on_support = torch.log_softmax(teacher_logprobs[:, :TEACHER_TOPK], dim=-1)
             losses.append((student_on_support.exp() * (student_on_support - teacher_on_support)).sum(-1))
+        elif loss == "reverse_kl_topk_tail":
+            # KL on the K+1 cells: the teacher's top-K ids, and every other id together.
+            support = teacher_ids[:, :TEACHER_TOPK]
+            student_top = student.gather(-1, support).exp()
+            teacher_top = teacher_logprobs[:, :TEACHER_TOPK].exp()
+            student_cells = torch.cat([student_top, 1 - student_top.sum(-1, keepdim=True)], -1)
+            teacher_cells = torch.cat([teacher_top, 1 - teacher_top.sum(-1, keepdim=True)], -1)
+            losses.append((student_cells * (student_cells / teacher_cells).log()).sum(-1))
         else:
             # Sampled-token OPD as a PPO policy gradient at ratio 1: advantage -(log p_θ(y) - log p_T(y)),
             # loss -A * exp(log p_θ(y) - log p_θold(y)).

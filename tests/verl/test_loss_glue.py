@@ -137,6 +137,85 @@ def test_score_phase_processor_returns_one_value_per_position_and_zero_loss():
     assert loss.item() == 0.0 and metrics == {}
 
 
+def _with_normalised_teacher_rows(data, vocab: int, seed: int):
+    """Replace the fixture's teacher rows by a real teacher's: top-K of a softmax, then the sampled token."""
+    generator = torch.Generator().manual_seed(seed)
+    ids, logprobs = [], []
+    for row_ids in data["teacher_ids"].unbind():
+        log_probs = torch.log_softmax(torch.randn(row_ids.shape[0], vocab, generator=generator) * 2, -1)
+        top = torch.topk(log_probs, TOPK, dim=-1)
+        sampled = row_ids[:, TOPK:]
+        ids.append(torch.cat([top.indices, sampled], -1))
+        logprobs.append(torch.cat([top.values, log_probs.gather(-1, sampled)], -1))
+    data["teacher_ids"], data["teacher_logprobs"] = nested(ids), nested(logprobs)
+    return data
+
+
+def test_tail_loss_is_the_mean_of_the_tail_reverse_kl_over_the_selected_positions():
+    """``loss=reverse_kl_topk_tail``: the update's processor computes the tail KL at the selected rows of
+    the packed logits only (0 elsewhere), and the loss averages it over the selection; its gradient in
+    the student's logits is the direct computation's, and reaches no other row."""
+    from ta_opd_verl.opd_loss import reverse_kl_topk_tail
+    from ta_opd_verl.protocol import REVERSE_KL_FIELD
+
+    _, actor, distillation = _configs("reverse_kl_topk_tail")
+    prompt_lengths, response_lengths, selection = [3, 2, 4], [4, 5, 2], [[0, 3], [], [1]]
+    data, _, _ = synthetic_micro_batch(
+        prompt_lengths, response_lengths, vocab=VOCAB, topk=TOPK, selection=selection
+    )
+    data = _with_phase(_with_normalised_teacher_rows(data, VOCAB, seed=3), TRAIN_PHASE)
+    offsets = data["input_ids"].offsets()
+    logits = (
+        torch.randn(1, int(offsets[-1]), VOCAB, generator=torch.Generator().manual_seed(4)) * 2
+    ).requires_grad_()
+    loss_fn = TAOPDLossFunction(actor, distillation, ServerTeacher())
+    per_token = loss_fn(student_logits=logits, data=data)[REVERSE_KL_FIELD]
+    assert per_token.shape == (1, int(offsets[-1]))
+    model_output = {REVERSE_KL_FIELD: torch.nested.nested_tensor_from_jagged(per_token[0], offsets)}
+    loss, metrics = loss_fn(data=data, model_output=model_output)
+    loss.backward()
+
+    rows = torch.tensor(
+        [
+            int(offsets[b]) + prompt_lengths[b] - 1 + t
+            for b, positions in enumerate(selection)
+            for t in positions
+        ]
+    )
+    teacher_ids = data["teacher_ids"].values()[rows, :TOPK]
+    teacher_logprobs = data["teacher_logprobs"].values()[rows, :TOPK]
+    reference_logits = logits.detach().clone().requires_grad_()
+    direct = reverse_kl_topk_tail(reference_logits[0, rows], teacher_ids, teacher_logprobs)
+    direct.mean().backward()
+    assert loss.item() == pytest.approx(direct.mean().item(), rel=1e-6)
+    assert metrics["ta_opd/reverse_kl_selected"] == pytest.approx(direct.mean().item(), rel=1e-6)
+    unselected = torch.ones(int(offsets[-1]), dtype=torch.bool)
+    unselected[rows] = False
+    assert torch.equal(per_token[0, unselected].detach(), torch.zeros(int(unselected.sum())))
+    torch.testing.assert_close(logits.grad, reference_logits.grad)
+    assert logits.grad[0, unselected].abs().max() == 0 and logits.grad[0, rows].abs().min() > 0
+
+
+def test_tail_loss_takes_the_teachers_ids_outside_the_students_vocabulary_as_probability_zero():
+    """A server teacher whose vocabulary is larger than the student's returns ids past the student's logits:
+    the student has probability 0 there, and the loss is still the direct computation's."""
+    from ta_opd_verl.opd_loss import reverse_kl_topk_tail
+    from ta_opd_verl.protocol import REVERSE_KL_FIELD
+
+    _, actor, distillation = _configs("reverse_kl_topk_tail")
+    data, _, _ = synthetic_micro_batch([2], [3], vocab=VOCAB, topk=TOPK, selection=[[0, 1, 2]])
+    data = _with_phase(_with_normalised_teacher_rows(data, VOCAB + 6, seed=5), TRAIN_PHASE)
+    logits = torch.randn(1, 5, VOCAB)
+    per_token = TAOPDLossFunction(actor, distillation, ServerTeacher())(student_logits=logits, data=data)
+    rows = torch.arange(1, 4)
+    teacher_ids = data["teacher_ids"].values()[rows, :TOPK]
+    assert (teacher_ids >= VOCAB).any()
+    direct = reverse_kl_topk_tail(
+        logits[0, rows], teacher_ids, data["teacher_logprobs"].values()[rows, :TOPK]
+    )
+    torch.testing.assert_close(per_token[REVERSE_KL_FIELD][0, rows], direct)
+
+
 def test_reverse_kl_on_teacher_support_is_exact_when_support_is_the_vocabulary():
     logits = torch.randn(5, 6)
     teacher_log_probs = torch.log_softmax(torch.randn(5, 6), dim=-1)

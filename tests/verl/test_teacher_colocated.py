@@ -197,14 +197,15 @@ def test_stored_teacher_rows_have_the_teacher_servers_layout(pair, teacher_model
 
 
 def test_teacher_rows_cover_the_students_vocabulary_when_embeddings_differ():
-    from ta_opd_verl.teachers.colocated import score_with_teacher_logits
+    from ta_opd_verl.teacher_head import logit_log_prob_blocks
+    from ta_opd_verl.teachers.colocated import score_with_teacher
 
     student_logits = torch.randn(1, 6, 10)
     wider = torch.randn(6, 13)
     wider[:, 10:] = 50.0  # teacher-only rows (padding) with large logits must not enter the top-K
-    outputs = score_with_teacher_logits(
+    outputs = score_with_teacher(
         student_logits,
-        wider,
+        logit_log_prob_blocks(wider, vocab=10, block_rows=4),
         torch.arange(6),
         k=3,
         topk=4,
@@ -218,9 +219,9 @@ def test_teacher_rows_cover_the_students_vocabulary_when_embeddings_differ():
     torch.testing.assert_close(outputs[SAMPLED_LOGPROB_FIELD][0], expected)
 
     narrower = torch.randn(6, 8)  # ids 8, 9 exist only in the student's embedding: teacher probability 0
-    outputs = score_with_teacher_logits(
+    outputs = score_with_teacher(
         student_logits,
-        narrower,
+        logit_log_prob_blocks(narrower, vocab=10, block_rows=4),
         torch.full((6,), 9),
         k=3,
         topk=4,
@@ -290,3 +291,150 @@ def test_the_update_loss_reads_the_colocated_teachers_rows(pair, teacher_model):
     assert abs(update_loss(ids, shifted) - expected) > 1e-2
     zeros = torch.nested.nested_tensor_from_jagged(torch.zeros_like(logprobs.values()), logprobs.offsets())
     assert abs(update_loss(ids, zeros) - expected) > 1e-2
+
+
+# ---- the teacher's output layer in blocks -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 1000], ids=["1-row", "5-rows", "more-rows-than-tokens"])
+@pytest.mark.parametrize("use_remove_padding", [True, False], ids=["packed", "padded"])
+def test_scoring_in_blocks_of_any_size_equals_the_unblocked_computation(
+    pair, teacher_model, use_remove_padding, block_rows, monkeypatch
+):
+    """The processor stops the teacher at its final hidden states and runs the output layer ``block_rows``
+    rows at a time; the unblocked computation takes the teacher's whole ``[N, V]`` logits."""
+    from ta_opd_verl.teacher_head import logit_log_prob_blocks
+    from ta_opd_verl.teachers import colocated
+
+    monkeypatch.setattr(colocated, "rows_per_block", lambda vocab: block_rows)
+    vocab = teacher_model.config.vocab_size
+    data, sequences = _micro_batch(vocab, use_remove_padding, seed=5)
+    student_logits = torch.randn(1, sum(LENGTHS), vocab, generator=torch.Generator().manual_seed(6)) * 3
+    outputs = _loss_fn(pair.teacher, "exact")(student_logits=student_logits, data=data)
+    with torch.no_grad():
+        logits = torch.cat([teacher_model(s.unsqueeze(0)).logits[0] for s in sequences])
+    unblocked = colocated.score_with_teacher(
+        student_logits,
+        logit_log_prob_blocks(logits, vocab=vocab, block_rows=logits.shape[0]),
+        torch.roll(torch.cat(sequences), -1),
+        k=K,
+        topk=TOPK,
+        student_probs="exact",
+        entropy_mode="full",
+        exact_compatibility=True,
+    )
+    assert set(outputs) == set(unblocked)
+    for name, value in unblocked.items():
+        if value.dtype.is_floating_point:
+            torch.testing.assert_close(outputs[name], value, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(outputs[name], value), name
+
+
+def test_a_model_without_a_base_model_and_a_linear_output_layer_is_refused():
+    from ta_opd_verl.teachers.colocated import TeacherStructureError, body_and_head
+
+    with pytest.raises(TeacherStructureError, match=r"model\.base_model, model\.get_output_embeddings"):
+        body_and_head(torch.nn.Linear(2, 3))
+
+    class WithoutLogitsToKeep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_model, self.lm_head = torch.nn.Identity(), torch.nn.Linear(2, 3)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids):
+            return self.lm_head(self.base_model(input_ids))
+
+    with pytest.raises(TeacherStructureError, match="WithoutLogitsToKeep.forward takes no logits_to_keep"):
+        body_and_head(WithoutLogitsToKeep())
+
+
+def test_a_model_that_changes_its_logits_after_the_output_layer_is_refused(pair, monkeypatch):
+    """A logit scale (or soft-capping) after the output layer would be lost by the blocked output layer: the
+    check at load compares the model's own logits with the output layer applied to its hidden states."""
+    from ta_opd_verl.teachers import colocated
+
+    load = colocated.AutoModelForCausalLM.from_pretrained
+
+    def with_logit_scale(*args, **kwargs):
+        model = load(*args, **kwargs)
+
+        def scale(_module, _inputs, output):
+            output.logits = output.logits * 2.0
+            return output
+
+        model.register_forward_hook(scale)
+        return model
+
+    monkeypatch.setattr(colocated.AutoModelForCausalLM, "from_pretrained", with_logit_scale)
+    spec = colocated.TeacherSpec(str(pair.teacher), "float32", "sdpa", fsdp_size=-1)
+    with pytest.raises(colocated.TeacherStructureError, match="not its output layer applied"):
+        colocated.LoadedTeacher(spec, torch.device("cpu"))
+
+
+# ---- loss=reverse_kl_full: the teacher again in the update -----------------------------------------------
+
+
+@pytest.mark.parametrize("use_remove_padding", [True, False], ids=["packed", "padded"])
+def test_full_reverse_kl_loss_runs_the_teacher_again_at_the_selected_positions(
+    pair, teacher_model, use_remove_padding, monkeypatch
+):
+    """``loss=reverse_kl_full`` in the update: the processor runs the teacher on the update's micro-batch,
+    takes its output layer at the selected rows only (in blocks of 2 rows here), and the loss is the mean
+    over the selection of KL(p_θ || p_T) over the whole vocabulary, computed here in float64 from the
+    teacher's full softmax sequence by sequence; so is its gradient in the student's logits."""
+    from verl.utils import tensordict_utils as tu
+    from verl_fixtures import synthetic_micro_batch
+
+    from ta_opd_verl.protocol import REVERSE_KL_FIELD, TRAIN_PHASE
+    from ta_opd_verl.teachers import colocated
+
+    monkeypatch.setattr(colocated, "rows_per_block", lambda vocab: 2)
+    vocab = teacher_model.config.vocab_size
+    prompt_lengths, response_lengths, selection = [3, 4, 2], [5, 4, 6], [[0, 3, 4], [2], [0, 1, 5]]
+    data, _, _ = synthetic_micro_batch(
+        prompt_lengths, response_lengths, vocab=vocab, topk=TOPK, selection=selection
+    )
+    sequences = list(data["input_ids"].unbind())
+    data["position_ids"] = nested([torch.arange(s.numel()) for s in sequences])
+    tu.assign_non_tensor(
+        data, ta_opd_phase=TRAIN_PHASE, use_remove_padding=use_remove_padding, pad_token_id=0
+    )
+    offsets = data["input_ids"].offsets()
+    config = compose_config(
+        "ta_opd_cpu",
+        _fsdp_overrides(
+            pair.teacher,
+            "distillation.distillation_loss.ta_opd.loss=reverse_kl_full",
+            "distillation.distillation_loss.use_policy_gradient=false",
+        ),
+    )
+    loss_fn = ta_opd_loss_function(config)
+    logits = torch.randn(1, int(offsets[-1]), vocab, generator=torch.Generator().manual_seed(8)) * 2
+    logits.requires_grad_(True)
+    per_token = loss_fn(student_logits=logits, data=data)[REVERSE_KL_FIELD]
+    model_output = {REVERSE_KL_FIELD: torch.nested.nested_tensor_from_jagged(per_token[0], offsets)}
+    loss, _ = loss_fn(data=data, model_output=model_output)
+    loss.backward()
+
+    rows = torch.tensor(
+        [
+            int(offsets[b]) + prompt_lengths[b] - 1 + t
+            for b, positions in enumerate(selection)
+            for t in positions
+        ]
+    )
+    with torch.no_grad():
+        teacher = torch.cat(
+            [torch.softmax(teacher_model(s.unsqueeze(0)).logits[0].double(), -1) for s in sequences]
+        )
+    student = logits.detach().double().requires_grad_(True)
+    p = torch.softmax(student[0, rows], -1)
+    expected = (p * torch.log(p / teacher[rows])).sum(-1).mean()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(logits.grad.double(), student.grad, rtol=1e-4, atol=1e-7)
+    assert logits.grad[0, rows].abs().min() > 0

@@ -9,10 +9,16 @@ import math
 from types import SimpleNamespace
 
 import torch
+from omegaconf import OmegaConf
 from transfer_queue import KVBatchMeta
 from verl_fixtures import InMemoryTransferQueue, nested
 
-from ta_opd_verl.batch_selection import load_selection_dump, select_rollout_batch, stable_sample_ids
+from ta_opd_verl.batch_selection import (
+    load_selection_dump,
+    load_selection_header,
+    select_rollout_batch,
+    stable_sample_ids,
+)
 from ta_opd_verl.config import TAOPDConfig
 from ta_opd_verl.protocol import COMPATIBILITY_FIELD, DISAGREEMENT_FIELD
 from ta_opd_verl.teachability import SelectionRules, TokenStatistics
@@ -22,6 +28,7 @@ from ta_opd_verl.trainer import TAOPDTrainer
 TOPK = 4
 PROMPTS, RESPONSES = (3, 2, 4, 1), (6, 4, 5, 3)
 KEYS = ["u7_0_0", "u7_0_1", "u9_0_0", "pad_0_0"]
+STUDENT = "/models/student"
 TAGS = [{}, {}, {}, {"is_padding": True}]
 
 
@@ -56,6 +63,7 @@ def _trainer(tmp_path, ratio: float, **settings) -> TAOPDTrainer:
     trainer.ta_opd = TAOPDConfig(ratio=ratio, k=TOPK, selection_dump_dir=str(tmp_path / "dump"), **settings)
     trainer.loss_config = SimpleNamespace(topk=TOPK)
     trainer.global_steps = 3
+    trainer.config = OmegaConf.create({"actor_rollout_ref": {"model": {"path": STUDENT}}})
     return trainer
 
 
@@ -85,6 +93,9 @@ def test_the_update_gets_the_global_selection_over_real_rows_only(tmp_path, monk
     (records,) = load_selection_dump(tmp_path / "dump").values()
     dumped = {record["sample_id"]: record["selected"] for record in records}
     assert dumped == {sample_ids[row]: written[row].nonzero().flatten().tolist() for row in range(3)}
+    header = load_selection_header(tmp_path / "dump", 3)
+    assert (header["selector"], header["ratio"], header["student_path"]) == ("teachability", 0.25, STUDENT)
+    assert header["kept_positions"] == int(written.sum()) and header["valid_positions"] == n_valid
 
 
 def test_the_sampled_token_outside_the_teachers_top_k_is_counted(tmp_path, monkeypatch):
