@@ -185,14 +185,20 @@ def _ray_started(out: Path, stderr: str) -> bool:
     )
 
 
+def _training(out: Path, stderr: str) -> bool:
+    """verl's training loop has started in the run under ``out``."""
+    return any("Training Progress:" in log.read_text(errors="replace") for log in out.rglob(LOG_FILE))
+
+
 def _diagnostic_sampling(out: Path, stderr: str) -> bool:
     return "[sampling bank]" in stderr
 
 
 # Each command interrupted in the middle of its work: the three that run verl's trainer once verl has
-# started Ray, the diagnostic (no verl) in its first loop.
+# started Ray (and `train` once more in its training loop), the diagnostic (no verl) in its first loop.
 CTRL_C_RUNS = {
     "train": (["train", "--steps", "1"], _ray_started),
+    "train-while-training": (["train", "--steps", "20"], _training),
     "demo": (["demo", "--steps", "1"], _ray_started),
     "compare": (["compare", "--only", comparison_plan()[0].name, "--steps", "1"], _ray_started),
     "diagnose": (["diagnose"], _diagnostic_sampling),
@@ -233,7 +239,8 @@ def test_ctrl_c_stops_ta_opd_with_one_line_and_nothing_of_the_run_left(tmp_path,
     stderr = stderr_path.read_text(errors="replace")
     assert run.returncode == 130, stderr[-2000:]
     assert elapsed < 10, f"took {elapsed:.1f}s to stop"
-    assert stderr.strip().splitlines()[-1] == f"ta-opd {name}: interrupted", stderr[-2000:]
+    command_name = arguments[0]
+    assert stderr.strip().splitlines()[-1] == f"ta-opd {command_name}: interrupted", stderr[-2000:]
     assert stderr.count("interrupted") == 1 and "Traceback" not in stderr, stderr[-2000:]
     assert not left, left
 

@@ -49,10 +49,14 @@ def test_shell_script_parses_and_passes_shellcheck_when_installed(script):
 
 def run_recipe(recipe: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
     """``bash recipe extra...`` with ``env`` added to this process's environment (PYTHON: this interpreter,
-    unless ``env`` names one)."""
+    unless ``env`` names one). The interpreter check's answer is handed over as a sweep hands it to its
+    recipes (recipes/checks.sh), so each call skips the seconds of importing verl; the check itself is
+    tested by `test_without_python_set_the_recipe_finds_the_clones_venv_or_says_how_to_set_it`."""
+    python = env.get("PYTHON", sys.executable)
+    checked = {"TA_OPD_SELECTOR_CHOICES": " ".join(SELECTORS), "TA_OPD_SELECTORS_FROM": python}
     return subprocess.run(
         ["bash", str(recipe), *extra],
-        env={**os.environ, "PYTHON": sys.executable, **env},
+        env={**os.environ, "PYTHON": python, **checked, **env},
         capture_output=True,
         text=True,
         timeout=60,
