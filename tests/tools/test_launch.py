@@ -159,6 +159,15 @@ def test_ta_opd_train_refuses_bad_arguments_before_anything_starts(argv, message
     assert message in capsys.readouterr().err
 
 
+def _as_in_a_terminal() -> None:
+    """In the child before it runs: a session of its own, and SIGINT's default action, as a command typed
+    at a terminal has. A shell that started pytest in the background (``make test &``) ignores SIGINT in
+    its children, and an ignored signal stays ignored across exec: Python would then never raise
+    KeyboardInterrupt."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _session_processes(sessions: set[int]) -> dict[int, str]:
     """The live processes whose session is one of ``sessions``: pid -> the start of its command line."""
     processes = {}
@@ -216,7 +225,7 @@ def test_ctrl_c_stops_ta_opd_with_one_line_and_nothing_of_the_run_left(tmp_path,
     command = [sys.executable, "-m", "ta_opd_verl.cli.main", *arguments, "--out", str(out)]
     with open(stderr_path, "w") as stderr_file:
         run = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=stderr_file, cwd=tmp_path, start_new_session=True
+            command, stdout=subprocess.DEVNULL, stderr=stderr_file, cwd=tmp_path, preexec_fn=_as_in_a_terminal
         )
     sessions = {run.pid}
     try:
