@@ -153,3 +153,22 @@ def refused_main_ppo(config_name: str, overrides: list[str], run_dir: Path) -> t
     output = result.stdout + result.stderr
     assert "Started a local Ray instance" not in output and "TaskRunnerV1" not in output, output[-2000:]
     return result.returncode, output
+
+
+def run_update(loss_fn, logits: torch.Tensor, data, offsets: torch.Tensor):
+    """The update as verl's engine runs it for a logits loss: the processor on the packed student logits,
+    its per-token output handed back as the model output, then the loss. Returns (per_token, loss,
+    metrics)."""
+    from ta_opd_verl.protocol import REVERSE_KL_FIELD
+
+    per_token = loss_fn(student_logits=logits, data=data)[REVERSE_KL_FIELD]
+    model_output = {REVERSE_KL_FIELD: torch.nested.nested_tensor_from_jagged(per_token[0], offsets)}
+    loss, metrics = loss_fn(data=data, model_output=model_output)
+    return per_token, loss, metrics
+
+
+def selected_packed_rows(offsets: torch.Tensor, prompt_lengths: list[int], selection: list[list[int]]):
+    """The packed-logit rows that score the selected response positions: row ``prompt + t - 1`` of each
+    sequence scores its response token t."""
+    rows = [int(offsets[b]) + prompt_lengths[b] - 1 + t for b, ts in enumerate(selection) for t in ts]
+    return torch.tensor(rows)

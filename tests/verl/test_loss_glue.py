@@ -8,7 +8,14 @@ import pytest
 import torch
 from golden import golden_case, golden_vectors
 from tensordict import TensorDict
-from verl_fixtures import compose_config, nested, synthetic_micro_batch, ta_opd_loss_function
+from verl_fixtures import (
+    compose_config,
+    nested,
+    run_update,
+    selected_packed_rows,
+    synthetic_micro_batch,
+    ta_opd_loss_function,
+)
 
 from ta_opd_verl.loss import TAOPDLossFunction
 from ta_opd_verl.opd_loss import masked_aggregate, reverse_kl_on_teacher_support
@@ -156,7 +163,6 @@ def test_tail_loss_is_the_mean_of_the_tail_reverse_kl_over_the_selected_position
     the packed logits only (0 elsewhere), and the loss averages it over the selection; its gradient in
     the student's logits is the direct computation's, and reaches no other row."""
     from ta_opd_verl.opd_loss import reverse_kl_topk_tail
-    from ta_opd_verl.protocol import REVERSE_KL_FIELD
 
     _, actor, distillation = _configs("reverse_kl_topk_tail")
     prompt_lengths, response_lengths, selection = [3, 2, 4], [4, 5, 2], [[0, 3], [], [1]]
@@ -169,19 +175,11 @@ def test_tail_loss_is_the_mean_of_the_tail_reverse_kl_over_the_selected_position
         torch.randn(1, int(offsets[-1]), VOCAB, generator=torch.Generator().manual_seed(4)) * 2
     ).requires_grad_()
     loss_fn = TAOPDLossFunction(actor, distillation, ServerTeacher())
-    per_token = loss_fn(student_logits=logits, data=data)[REVERSE_KL_FIELD]
+    per_token, loss, metrics = run_update(loss_fn, logits, data, offsets)
     assert per_token.shape == (1, int(offsets[-1]))
-    model_output = {REVERSE_KL_FIELD: torch.nested.nested_tensor_from_jagged(per_token[0], offsets)}
-    loss, metrics = loss_fn(data=data, model_output=model_output)
     loss.backward()
 
-    rows = torch.tensor(
-        [
-            int(offsets[b]) + prompt_lengths[b] - 1 + t
-            for b, positions in enumerate(selection)
-            for t in positions
-        ]
-    )
+    rows = selected_packed_rows(offsets, prompt_lengths, selection)
     teacher_ids = data["teacher_ids"].values()[rows, :TOPK]
     teacher_logprobs = data["teacher_logprobs"].values()[rows, :TOPK]
     reference_logits = logits.detach().clone().requires_grad_()

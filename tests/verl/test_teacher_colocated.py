@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tensordict import TensorDict
-from verl_fixtures import compose_config, nested, ta_opd_loss_function
+from verl_fixtures import compose_config, nested, run_update, selected_packed_rows, ta_opd_loss_function
 
 from ta_opd_verl.loss import TAOPDLossFunction
 from ta_opd_verl.protocol import (
@@ -389,7 +389,7 @@ def test_full_reverse_kl_loss_runs_the_teacher_again_at_the_selected_positions(
     from verl.utils import tensordict_utils as tu
     from verl_fixtures import synthetic_micro_batch
 
-    from ta_opd_verl.protocol import REVERSE_KL_FIELD, TRAIN_PHASE
+    from ta_opd_verl.protocol import TRAIN_PHASE
     from ta_opd_verl.teachers import colocated
 
     monkeypatch.setattr(colocated, "rows_per_block", lambda vocab: 2)
@@ -415,18 +415,10 @@ def test_full_reverse_kl_loss_runs_the_teacher_again_at_the_selected_positions(
     loss_fn = ta_opd_loss_function(config)
     logits = torch.randn(1, int(offsets[-1]), vocab, generator=torch.Generator().manual_seed(8)) * 2
     logits.requires_grad_(True)
-    per_token = loss_fn(student_logits=logits, data=data)[REVERSE_KL_FIELD]
-    model_output = {REVERSE_KL_FIELD: torch.nested.nested_tensor_from_jagged(per_token[0], offsets)}
-    loss, _ = loss_fn(data=data, model_output=model_output)
+    per_token, loss, _ = run_update(loss_fn, logits, data, offsets)
     loss.backward()
 
-    rows = torch.tensor(
-        [
-            int(offsets[b]) + prompt_lengths[b] - 1 + t
-            for b, positions in enumerate(selection)
-            for t in positions
-        ]
-    )
+    rows = selected_packed_rows(offsets, prompt_lengths, selection)
     with torch.no_grad():
         teacher = torch.cat(
             [torch.softmax(teacher_model(s.unsqueeze(0)).logits[0].double(), -1) for s in sequences]
