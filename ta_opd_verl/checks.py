@@ -22,11 +22,16 @@ from transformers import AutoTokenizer
 
 from ta_opd_verl.config import TAOPDConfigError, TAOPDDistillationLossConfig
 from ta_opd_verl.plugin_loading import require_plugin
-from ta_opd_verl.special_tokens import SPECIAL_TOKEN_MAP_KEY, SpecialTokenMismatchError
+from ta_opd_verl.special_tokens import SPECIAL_TOKEN_MAP_KEY, SpecialTokenMap, SpecialTokenMismatchError
 from ta_opd_verl.teachers import resolve_teacher
 from ta_opd_verl.teachers.base import STUDENT_PATH_KEY
 from ta_opd_verl.verl_fence.config import omega_conf_to_dataclass
-from ta_opd_verl.vocab import VocabularyMismatchError, check_embedding_matches_config, check_pair
+from ta_opd_verl.vocab import (
+    PairCheck,
+    VocabularyMismatchError,
+    check_embedding_matches_config,
+    check_pair,
+)
 
 __all__ = ["PreflightCallback", "TAOPDConfigError", "check_model_paths", "check_ta_opd_config"]
 
@@ -113,11 +118,11 @@ def _build_loss_config(config: DictConfig) -> TAOPDDistillationLossConfig:
         raise TAOPDConfigError(str(error.__cause__ or error)) from None
 
 
-def check_model_paths(config: DictConfig) -> list[str]:
+def checked_pairs(config: DictConfig) -> dict[str, tuple[str, PairCheck]]:
     """The student's and the teacher's model folders exist, share a vocabulary and, where their added
     tokens differ, have the special-token map `SPECIAL_TOKEN_MAP_KEY` asks for (the teacher says which
-    folders it reads: `ta_opd_verl.teachers.base.Teacher.model_paths`). Returns what the user should be
-    told once: each teacher's derived map, and prompt tokens the teacher reads as other tokens."""
+    folders it reads: `ta_opd_verl.teachers.base.Teacher.model_paths`). Returns, per teacher key, its folder
+    and what `check_pair` found."""
     student = _select(config, STUDENT_PATH_KEY)
     special_token_map = _select(config, SPECIAL_TOKEN_MAP_KEY, "auto")
     if isinstance(special_token_map, DictConfig):
@@ -129,18 +134,34 @@ def check_model_paths(config: DictConfig) -> list[str]:
                 f"{key}={path!r} is not a model folder: a Hugging Face folder with config.json is accepted "
                 "(this check needs local folders; download hub models first)"
             )
-    notes = []
+    pairs = {}
     for key, path in paths.items():
         try:
             if key == STUDENT_PATH_KEY:
                 check_embedding_matches_config(path)
                 continue
-            pair = check_pair(student, path, special_token_map)
+            pairs[key] = (str(path), check_pair(student, path, special_token_map))
         except (VocabularyMismatchError, SpecialTokenMismatchError) as error:
             raise type(error)(f"{key}: {error}") from None
+    return pairs
+
+
+def check_model_paths(config: DictConfig) -> list[str]:
+    """`checked_pairs`, returning what the user should be told once: each teacher's derived map, and prompt
+    tokens the teacher reads as other tokens."""
+    notes = []
+    for key, (_, pair) in checked_pairs(config).items():
         if pair.token_map is not None:
             notes += [f"{key}: {line}" for line in pair.summary()]
     return notes
+
+
+def special_token_maps_to_apply(pairs: dict[str, tuple[str, PairCheck]]) -> dict[str, SpecialTokenMap]:
+    """Teacher folder -> its special-token map, for the teachers whose map has entries (no map, ``none`` or an
+    empty map leaves the teacher reading the student's ids as they are)."""
+    return {
+        path: pair.token_map for path, pair in pairs.values() if pair.token_map and pair.token_map.entries
+    }
 
 
 def _data_files(config: DictConfig, key: str) -> list[str]:

@@ -228,7 +228,7 @@ class TAOPDConfig(BaseConfig):
         differ (DeepSeek-R1-Distill-Qwen teaching Qwen2.5): `auto` (default: by role, then by exact string),
         `none`, or an explicit mapping `{student_id: teacher_id}`. Pairs whose tokens agree (the Qwen3
         pairs) need none. The pre-flight check refuses a pair whose differing response tokens the map
-        leaves out; the teachers do not apply the map yet. See `ta_opd_verl.special_tokens`.
+        leaves out; both teachers apply a map with entries. See `ta_opd_verl.special_tokens`.
     """
 
     selector: str = "teachability"

@@ -73,17 +73,18 @@ class TAOPDLossFunction:
 
     def update_reverse_kl(self, student_logits: torch.Tensor, data) -> torch.Tensor:
         """The update's processor (a loss of `LOGITS_LOSSES`): the loss's per-position reverse KL, ``(1,
-        nnz)`` for this rank's ``(1, nnz, V)`` student logits. ``reverse_kl_topk`` at every position;
-        ``reverse_kl_topk_tail`` and ``reverse_kl_full`` at the selected positions only (0 elsewhere, where
-        the loss does not read it), so their vocabulary-wide work scales with the selection."""
-        if self.settings.loss == "reverse_kl_topk":
-            top_ids, top_logprobs = self._teacher_top_entries(data)
-            return reverse_kl_on_teacher_support(student_logits[0], top_ids, top_logprobs).unsqueeze(0)
+        nnz)`` for this rank's ``(1, nnz, V)`` student logits, at the selected positions only (0 elsewhere,
+        where the loss does not read it), so its vocabulary-wide work scales with the selection, not N."""
         rows = selected_packed_rows(data)
         student_rows = student_logits[0, rows]
-        if self.settings.loss == "reverse_kl_topk_tail":
+        if self.settings.loss in ("reverse_kl_topk", "reverse_kl_topk_tail"):
             top_ids, top_logprobs = self._teacher_top_entries(data)
-            values = reverse_kl_topk_tail(student_rows, top_ids[rows], top_logprobs[rows])
+            on_teacher_top = (
+                reverse_kl_on_teacher_support
+                if self.settings.loss == "reverse_kl_topk"
+                else reverse_kl_topk_tail
+            )
+            values = on_teacher_top(student_rows, top_ids[rows], top_logprobs[rows])
         else:
             values = self.teacher.reverse_kl_full(self, student_rows, data, rows)
         per_token = values.new_zeros(student_logits.shape[1])

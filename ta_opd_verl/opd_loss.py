@@ -29,14 +29,20 @@ def reverse_kl_on_teacher_support(
     student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor
 ) -> torch.Tensor:
     """Per-position reverse KL(p̄_S || p̄_T) with both distributions renormalised on the teacher's returned
-    ids (exact when they cover the vocabulary). Differentiable in the student logits."""
+    ids (exact when they cover the vocabulary); an entry with log-prob -inf is no entry (its id, verl's
+    filler 0, is not in the support). Differentiable in the student logits."""
+    present = teacher_logprobs > -math.inf
     student_log_probs = torch.log_softmax(student_logits.float(), dim=-1)
-    student_on_support = torch.gather(student_log_probs, -1, teacher_ids.long())
+    student_on_support = torch.gather(student_log_probs, -1, teacher_ids.long()).masked_fill(
+        ~present, -math.inf
+    )
     student_on_support = student_on_support - torch.logsumexp(student_on_support, dim=-1, keepdim=True)
     teacher_on_support = teacher_logprobs.float() - torch.logsumexp(
         teacher_logprobs.float(), dim=-1, keepdim=True
     )
-    return (student_on_support.exp() * (student_on_support - teacher_on_support)).sum(-1)
+    # 0 (not 0·nan) at an absent entry, in the value and in the gradient.
+    log_ratio = (student_on_support - teacher_on_support).masked_fill(~present, 0.0)
+    return (student_on_support.exp() * log_ratio).sum(-1)
 
 
 def reverse_kl_topk_tail(
@@ -64,7 +70,8 @@ def reverse_kl_topk_tail(
         student_logits: ``[..., V_S]`` logits of any float dtype (float32 arithmetic, float64 kept).
         teacher_ids: ``[..., K]`` distinct ids of the teacher's entries; ids >= V_S (the teacher's vocabulary
             can be larger) have student probability 0.
-        teacher_logprobs: ``[..., K]`` the teacher's log-probs of those ids (its full softmax).
+        teacher_logprobs: ``[..., K]`` the teacher's log-probs of those ids (its full softmax); -inf marks no
+            entry (its id, verl's filler 0, stays in the tail).
         tail_floor: lower bound of the teacher's tail mass (`TAIL_MASS_FLOOR`).
         block_rows: positions per block; results do not depend on it. Default: about 256 MiB of float32.
 
@@ -95,7 +102,8 @@ class _TailReverseKL(torch.autograd.Function):
         n_rows, vocab = student_logits.shape
         k = teacher_ids.shape[-1]
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
-        in_vocabulary = teacher_ids < vocab
+        # An absent entry (-inf) is treated like an id past the vocabulary: an empty cell.
+        in_vocabulary = (teacher_ids < vocab) & (teacher_cells[:, :k] > -math.inf)
         ids = teacher_ids.clamp(max=vocab - 1)
         values = torch.empty(n_rows, dtype=dtype, device=student_logits.device)
         gradient = torch.zeros_like(student_logits) if ctx.needs_input_grad[0] else None
@@ -181,20 +189,27 @@ def reverse_kl_full(
 
 
 def reverse_kl_full_from_blocks(
-    student_logits: torch.Tensor, teacher_log_probs: Iterable[tuple[slice, torch.Tensor]]
+    student_logits: torch.Tensor,
+    teacher_log_probs: Iterable[tuple[slice, torch.Tensor]],
+    left_out_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`reverse_kl_full` of ``[N, V_S]`` student logits against the teacher's log-probs given block by block
     (`ta_opd_verl.teacher_head`: ``(rows, [len(rows), V_C])`` over the common ids, covering ``[0, N)``).
 
+    ``left_out_ids``: student ids the teacher has no counterpart for (probability 0 in its blocks: a
+    special-token map's, `ta_opd_verl.special_tokens`); like the ids past the teacher's vocabulary they
+    leave the student's distribution (renormalised without them, no gradient) instead of making the KL
+    infinite.
+
     The gradient of each block is computed with its value and kept (``[N, V_S]`` in the logits' dtype, the
     size of the gradient the backward returns anyway), so no teacher block outlives its turn: the working
     memory is a few blocks whatever N. Backward may run once."""
-    return _FullReverseKL.apply(student_logits, teacher_log_probs)
+    return _FullReverseKL.apply(student_logits, teacher_log_probs, left_out_ids)
 
 
 class _FullReverseKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits: torch.Tensor, teacher_log_probs) -> torch.Tensor:
+    def forward(ctx, student_logits: torch.Tensor, teacher_log_probs, left_out_ids) -> torch.Tensor:
         n_rows = student_logits.shape[0]
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
         values = torch.empty(n_rows, dtype=dtype, device=student_logits.device)
@@ -202,7 +217,11 @@ class _FullReverseKL(torch.autograd.Function):
         covered = 0
         for rows, teacher in teacher_log_probs:
             common = teacher.shape[-1]
-            log_p = torch.log_softmax(student_logits[rows, :common], dim=-1, dtype=dtype)
+            logits = student_logits[rows, :common]
+            if left_out_ids is not None:
+                logits = logits.index_fill(-1, left_out_ids[left_out_ids < common], -math.inf)
+            log_p = torch.log_softmax(logits, dim=-1, dtype=dtype)
+            del logits
             p = log_p.exp()
             log_ratio = log_p.sub_(teacher.to(dtype))
             del teacher
@@ -221,7 +240,7 @@ class _FullReverseKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_values: torch.Tensor):
-        return _saved_gradient(ctx, grad_values), None
+        return _saved_gradient(ctx, grad_values), None, None
 
 
 def clipped_policy_loss(

@@ -31,6 +31,9 @@ TOPK_ENTROPY_FIELD = "ta_opd_topk_entropy"
 # colocated teacher beside exact C when a selection dump is written, to show what exact C changes.
 LOWER_BOUND_DISAGREEMENT_FIELD = "ta_opd_lower_bound_disagreement"
 LOWER_BOUND_COMPATIBILITY_FIELD = "ta_opd_lower_bound_compatibility"
+# Per-token field of the colocated teacher's scoring forward with a special-token map: the teacher's
+# probability on ids with no student counterpart (`ta_opd_verl.special_tokens`).
+TEACHER_ORPHAN_MASS_FIELD = "ta_opd_teacher_orphan_mass"
 # Per-token field of the update's forward with a reverse-KL loss (`ta_opd_verl.config.LOGITS_LOSSES`).
 REVERSE_KL_FIELD = "ta_opd_reverse_kl"
 

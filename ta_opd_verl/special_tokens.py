@@ -33,13 +33,25 @@ Refusal (`check_special_token_map`): a response id whose token differs and that 
 refused, naming both tokens, both ids and `SPECIAL_TOKEN_MAP_KEY`. Prompt ids that differ are reported,
 not refused: a map cannot fix a prompt, the teacher-side prompt will (issue 19).
 
-The map is derived and checked before start-up; the teachers do not apply it yet: they still score the
-student's ids (`NOT_APPLIED`).
+How the teachers apply it (a map with entries only; ``none``, an empty map or a pair with no differing id
+changes nothing and costs nothing). The teacher reads the whole sequence, prompt included, through
+`student_to_teacher_ids`. Its distribution then comes back in the student's id space, column by column
+(`SpecialTokenMap.student_reads`): student id s reads the teacher's log-prob at the id the teacher read
+for s, when that teacher id comes back to s (``to_student``); a student id with no counterpart (unmapped,
+or its teacher id claimed by another student id: Qwen2.5's ``<|endoftext|>`` beside its ``<|im_end|>``,
+both the teacher's EOS) gets probability 0; teacher ids no student id reads (`unread_teacher_ids`: the
+orphans, and teacher padding rows at differing ids) leave the student's distribution, and their mass is
+the teacher mass the student cannot place (`to_student_columns`, `StudentSpaceBlocks`). The rest is not
+renormalised: each student id keeps the teacher's own log-prob. The sampled token's log-prob is the
+teacher's at the id it read (finite even where the distribution gives that student id 0). A teacher
+server maps its returned top-K with `teacher_to_student_ids`, an orphan entry becoming verl's filler for a
+missing entry (id 0, log-prob -inf). Prompts stay the student's own, rendered by its chat template.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -50,10 +62,6 @@ ROLES = ("end_of_turn", "eos", "bos", "pad")
 PROBE_PROMPT = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"})
 PROBE_ANSWER = "The answer is 4."
 PROBE_REASONING = "<think>\nTwo plus two.\n</think>\n\n"
-NOT_APPLIED = (
-    "the map is derived and checked only: the teachers do not apply it yet and still score the student's "
-    "ids as their own tokens"
-)
 # An id the inverse map gives a teacher id with no student counterpart; `TeacherIdsInStudentSpace.orphan`
 # marks those positions.
 NO_STUDENT_ID = -1
@@ -141,18 +149,34 @@ class SpecialTokenMap:
     entries: student id -> (teacher id, why: a role name or ``string`` or ``explicit``).
     teacher_orphans: differing teacher ids no student id maps to (their mass cannot be placed).
     unmapped_student_ids: differing student ids left without a teacher counterpart.
+
+    Derived, for the teachers (module docstring): ``to_student`` (teacher id -> the first student id that
+    maps to it), ``student_reads`` (student id -> the teacher id whose log-prob it takes, for the entries
+    whose teacher id comes back to them), ``no_counterpart`` (the student ids the map touches that read
+    none: probability 0) and ``unread_teacher_ids`` (the teacher ids the map touches that no student id
+    reads: the mass the student cannot place). Every id the map does not touch reads itself. Plain
+    dictionaries and sets of ints: an instance travels pickled to the workers and the teacher servers.
     """
 
     entries: Mapping[int, tuple[int, str]]
     teacher_orphans: frozenset[int]
     unmapped_student_ids: frozenset[int]
     to_student: Mapping[int, int] = field(init=False)
+    student_reads: Mapping[int, int] = field(init=False)
+    no_counterpart: frozenset[int] = field(init=False)
+    unread_teacher_ids: frozenset[int] = field(init=False)
 
     def __post_init__(self):
         to_student: dict[int, int] = {}
         for student_id, (teacher_id, _) in self.entries.items():
             to_student.setdefault(teacher_id, student_id)
+        reads = {s: t for s, (t, _) in self.entries.items() if to_student[t] == s}
+        # The ids whose column the map changes, on either side.
+        touched = set(self.entries) | set(to_student) | self.teacher_orphans | self.unmapped_student_ids
         object.__setattr__(self, "to_student", to_student)
+        object.__setattr__(self, "student_reads", reads)
+        object.__setattr__(self, "no_counterpart", frozenset(touched - set(reads)))
+        object.__setattr__(self, "unread_teacher_ids", frozenset(touched - set(reads.values())))
 
     @property
     def to_teacher(self) -> dict[int, int]:
@@ -294,10 +318,11 @@ class TeacherIdsInStudentSpace:
 
 
 def teacher_to_student_ids(ids: torch.Tensor, token_map: SpecialTokenMap) -> TeacherIdsInStudentSpace:
-    """Teacher ids (a top-K list, a sampled id) in the student's id space; teacher orphans are marked."""
-    mapped, _ = _replace(ids, token_map.to_student)
-    orphans = torch.tensor(sorted(token_map.teacher_orphans), dtype=ids.dtype, device=ids.device)
-    orphan = torch.isin(ids, orphans)
+    """Teacher ids (a top-K list, a sampled id) in the student's id space: each to the student id that reads
+    it (`SpecialTokenMap.student_reads`); the ids no student id reads are marked orphan."""
+    mapped, _ = _replace(ids, {t: s for s, t in token_map.student_reads.items()})
+    unread = torch.tensor(sorted(token_map.unread_teacher_ids), dtype=ids.dtype, device=ids.device)
+    orphan = torch.isin(ids, unread)
     return TeacherIdsInStudentSpace(ids=mapped.masked_fill(orphan, NO_STUDENT_ID), orphan=orphan)
 
 
@@ -305,3 +330,64 @@ def orphan_mass(teacher_logprobs: torch.Tensor, mapped: TeacherIdsInStudentSpace
     """Per position (the last dimension is the teacher's list), the teacher probability on ids with no
     student counterpart."""
     return (teacher_logprobs.exp() * mapped.orphan).sum(-1)
+
+
+# ---- the teacher's whole distribution in the student's id space, a block of rows at a time -------------
+
+
+def to_student_columns(log_probs: torch.Tensor, token_map: SpecialTokenMap) -> torch.Tensor:
+    """Turn ``[n, V_C]`` teacher log-probs over the ids ``[0, V_C)`` into the student's over the same ids, in
+    place: column s takes the teacher's column `SpecialTokenMap.student_reads` names for it, the
+    student ids with no counterpart (also one whose teacher id lies past ``V_C``) get -inf, every other
+    column stays as it is. Returns the teacher's probability on the ids no student id reads, per row
+    ``[n]`` (0 where there are none). Only the touched columns are read or written."""
+    width = log_probs.shape[-1]
+    moves = [(s, t) for s, t in token_map.student_reads.items() if s < width and t < width and s != t]
+    unread = {t for t in token_map.unread_teacher_ids if t < width}
+    unread |= {t for s, t in token_map.student_reads.items() if t < width <= s}
+
+    def index(ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=log_probs.device)
+
+    orphan_mass_per_row = torch.logsumexp(log_probs[:, index(sorted(unread))], dim=-1).exp()
+    # Every source column is read before any column is written (a source may itself lose its column).
+    moved = log_probs[:, index([t for _, t in moves])]
+    log_probs[:, index(student_ids_without_counterpart(token_map, width))] = float("-inf")
+    log_probs[:, index([s for s, _ in moves])] = moved
+    return orphan_mass_per_row
+
+
+def student_ids_without_counterpart(token_map: SpecialTokenMap, width: int) -> list[int]:
+    """The student ids below ``width`` whose column `to_student_columns` sets to -inf."""
+    ids = {s for s in token_map.no_counterpart if s < width}
+    return sorted(ids | {s for s, t in token_map.student_reads.items() if s < width <= t})
+
+
+class StudentSpaceBlocks:
+    """Teacher log-prob blocks ``(rows, [n, V_C])`` (`ta_opd_verl.teacher_head`) passed on in the student's id
+    space (`to_student_columns`) one at a time, so the working memory stays one block. On the way it
+    records per row ``orphan_mass``, and with ``read_ids`` (``[rows]``, the teacher id each row's next token
+    was read as) ``read_logprobs``: the teacher's log-prob there, taken before the columns move, -inf past
+    ``V_C``."""
+
+    def __init__(
+        self,
+        blocks: Iterable[tuple[slice, torch.Tensor]],
+        token_map: SpecialTokenMap,
+        rows: int,
+        device: torch.device,
+        read_ids: torch.Tensor | None = None,
+    ):
+        self.blocks, self.token_map, self.read_ids = blocks, token_map, read_ids
+        self.orphan_mass = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.read_logprobs = torch.full((rows,), float("-inf"), dtype=torch.float32, device=device)
+
+    def __iter__(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        for rows, log_probs in self.blocks:
+            if self.read_ids is not None:
+                ids = self.read_ids[rows].unsqueeze(-1)
+                width = log_probs.shape[-1]
+                read = log_probs.gather(-1, ids.clamp(max=width - 1)).masked_fill(ids >= width, -math.inf)
+                self.read_logprobs[rows] = read.squeeze(-1)
+            self.orphan_mass[rows] = to_student_columns(log_probs, self.token_map)
+            yield rows, log_probs

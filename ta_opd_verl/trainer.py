@@ -28,7 +28,7 @@ from ta_opd_verl.batch_selection import (
     stable_sample_ids,
     write_selection_dump,
 )
-from ta_opd_verl.checks import check_model_paths, check_ta_opd_config
+from ta_opd_verl.checks import check_ta_opd_config, checked_pairs, special_token_maps_to_apply
 from ta_opd_verl.config import LOGITS_LOSSES
 from ta_opd_verl.loss import TAOPDLossFunction
 from ta_opd_verl.protocol import (
@@ -40,6 +40,7 @@ from ta_opd_verl.protocol import (
     STEP_KEY,
     TEACHER_IDS_FIELD,
     TEACHER_LOGPROBS_FIELD,
+    TEACHER_ORPHAN_MASS_FIELD,
     TOPK_ENTROPY_FIELD,
     TRAIN_PHASE,
     padded,
@@ -78,8 +79,9 @@ class TAOPDTrainer(PPOTrainerSync):
     def __init__(self, config):
         check_ta_opd_config(config)
         # The Hydra callback checks the model folders too; runs that compose their config without it do not.
-        check_model_paths(config)
+        pairs = checked_pairs(config)
         self.teacher = resolve_teacher(config)
+        self.teacher.use_special_token_maps(special_token_maps_to_apply(pairs))
         self.teacher.prepare_config(config)
         super().__init__(config)
         behave_as_sync(self)
@@ -151,6 +153,7 @@ class TAOPDTrainer(PPOTrainerSync):
         prompts = [row.tolist() for row in data["prompts"].unbind()]
         sample_ids = stable_sample_ids(rollout_ids(batch), prompts)
         teacher_sampled = self._teacher_sampled_logprobs(data, valid, metrics)
+        self._special_token_metrics(data, valid, metrics)
         settings = self.ta_opd
         selection = {
             "selector": settings.selector,
@@ -192,7 +195,34 @@ class TAOPDTrainer(PPOTrainerSync):
         response_mask, topk = data["response_mask"], self.loss_config.topk
         teacher_ids = padded(response_from_nested(data[TEACHER_IDS_FIELD], response_mask), 0)
         teacher_logprobs = padded(response_from_nested(data[TEACHER_LOGPROBS_FIELD], response_mask), 0.0)
-        top_ids, _, sampled = split_teacher_entries(teacher_ids, teacher_logprobs, topk)
-        outside_top_k = ~(top_ids == teacher_ids[..., topk:]).any(-1)
+        top_ids, top_logprobs, sampled = split_teacher_entries(teacher_ids, teacher_logprobs, topk)
+        # A -inf entry is no entry (verl's filler, id 0), whatever its id.
+        in_top_k = (top_ids == teacher_ids[..., topk:]) & (top_logprobs > float("-inf"))
+        outside_top_k = ~in_top_k.any(-1)
         metrics[METRIC_PREFIX + "sampled_outside_teacher_topk"] = float(outside_top_k[valid].float().mean())
+        metrics[METRIC_PREFIX + "teacher_rows_bytes_per_token"] = teacher_rows_bytes_per_token(
+            data[TEACHER_IDS_FIELD], data[TEACHER_LOGPROBS_FIELD]
+        )
         return sampled.float()
+
+    def _special_token_metrics(self, data, valid: torch.Tensor, metrics: dict) -> None:
+        """With a special-token map in use: the share of valid positions whose sampled token the map
+        changed for the teacher (over the maps of every teacher), and the colocated teacher's mean
+        probability on ids the student cannot place."""
+        maps = self.teacher.special_token_maps.values()
+        if not maps:
+            return
+        mapped_ids = torch.tensor(sorted({s for token_map in maps for s in token_map.entries}))
+        mapped = torch.isin(padded(data["responses"], 0), mapped_ids)
+        metrics[METRIC_PREFIX + "special_token_mapped_share"] = float(mapped[valid].float().mean())
+        if TEACHER_ORPHAN_MASS_FIELD in data.keys():
+            orphan_mass = padded(data[TEACHER_ORPHAN_MASS_FIELD], 0.0).double()
+            metrics[METRIC_PREFIX + "teacher_orphan_mass"] = float(orphan_mass[valid].mean())
+
+
+def teacher_rows_bytes_per_token(teacher_ids, teacher_logprobs) -> float:
+    """What the teacher rows occupy in TransferQueue per token of the batch: both fields as stored (nested
+    ``[tokens, K + 1]``: verl's int32 ids and float32 log-probs), over the tokens they cover."""
+    stored = [field.values() for field in (teacher_ids, teacher_logprobs)]
+    tokens = stored[0].shape[0]
+    return sum(values.numel() * values.element_size() for values in stored) / max(tokens, 1)

@@ -33,7 +33,6 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from ta_opd_verl.special_tokens import (
-    NOT_APPLIED,
     SpecialTokenMap,
     TokenizerSpecials,
     check_special_token_map,
@@ -42,6 +41,10 @@ from ta_opd_verl.special_tokens import (
     read_specials,
 )
 
+APPLIED = (
+    "applied by both teachers: they read the student's sequence through the map and score in the student's "
+    "ids; the prompt is still the student's own, rendered by its chat template"
+)
 # The input embedding's parameter name in Hugging Face causal-LM checkpoints (Qwen2/3, Llama, ...).
 EMBEDDING_SUFFIX = "embed_tokens.weight"
 
@@ -189,14 +192,13 @@ class PairCheck:
     notes: tuple[str, ...] = ()
 
     def summary(self) -> list[str]:
-        """What a user is told: that no map is needed, or the map (and that it is not applied yet), then
-        the notes."""
+        """What a user is told: that no map is needed, or the map the teachers apply, then the notes."""
         if self.token_map is None:
             return ["the tokenizers agree on every id in common: no special-token map needed"]
         if self.token_map.entries:
             lines = ["special-token map (student -> teacher):"]
             lines += [f"  {line}" for line in describe_map(self.student, self.teacher, self.token_map)]
-            lines.append(f"  note: {NOT_APPLIED}")
+            lines.append(f"  {APPLIED}")
         else:
             lines = ["special-token map: empty (no token the student emits in a response differs)"]
         return lines + [f"note: {note}" for note in self.notes]

@@ -1,5 +1,5 @@
 """``compare.png``: the accuracy gain and the held-out reverse-KL reduction per selector, and the budget
-curve of `BUDGET_SELECTOR`."""
+curve of `BUDGET_SELECTOR` when more than one budget ran."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def plot_comparison(rows: Sequence[dict], path: Path) -> None:
 
     at_main = [row for row in rows if row["ratio"] == MAIN_RATIO]
     budget = sorted((row for row in rows if row["selector"] == BUDGET_SELECTOR), key=lambda row: row["ratio"])
-    figure, (gain_axis, kl_axis, budget_axis) = plt.subplots(1, 3, figsize=(17, 4.5))
+    has_curve = len({row["ratio"] for row in budget}) > 1
+    figure, axes = plt.subplots(1, 3 if has_curve else 2, figsize=(17 if has_curve else 12, 4.5))
+    gain_axis, kl_axis = axes[:2]
     # The loss under the selector's name only when the rows compare losses.
     compares_losses = len({row["loss"] for row in rows}) > 1
 
@@ -37,7 +39,15 @@ def plot_comparison(rows: Sequence[dict], path: Path) -> None:
         axis.bar(names, means, yerr=errors, capsize=4, color="tab:blue")
         axis.axhline(0, color="gray", linewidth=0.8)
         axis.set(ylabel=label, title=f"{label.split(' (')[0]} at ρ = {MAIN_RATIO:g} (± std over seeds)")
-        axis.tick_params(axis="x", labelsize=8)
+        axis.tick_params(axis="x", labelsize=8, labelrotation=30 if len(names) > 4 else 0)
+    if has_curve:
+        _budget_curve(axes[2], budget, compares_losses)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _budget_curve(budget_axis, budget: Sequence[dict], compares_losses: bool) -> None:
     kl_twin = budget_axis.twinx()
     # One curve per loss; the line style tells the losses apart.
     for loss, style in zip(
@@ -55,6 +65,3 @@ def plot_comparison(rows: Sequence[dict], path: Path) -> None:
     if compares_losses:
         budget_axis.legend(fontsize="small")
     kl_twin.set_ylabel("reverse-KL reduction (nats)", color="tab:red")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)

@@ -37,6 +37,8 @@ DEMO_SEED = 0
 DEMO_PROMPTS = 128
 TEST_FREQ = 14
 MINI_BATCHES = 4
+# The loss that gained most with TA-OPD among the four in `ta-opd compare --losses` at these settings
+# (docs/benchmarks.md, "The four losses").
 DEMO_LOSS = "reverse_kl_topk"
 TA_OPD_SETTINGS = [
     "actor_rollout_ref.rollout.n=1",

@@ -9,12 +9,15 @@ from the models' ``config.json`` / ``generation_config.json`` as copied in publi
 cards; `RealModel.published` keeps the full-size layout for the record.
 
 What shrinks, by one rule (`shrunken_layout`): 2 layers; head size 32 (the smallest vLLM-CPU's attention
-kernel runs); width ``hidden_size / 32`` of the real one (64 for Qwen3-1.7B and Qwen2.5-3B, 160 for the
-14B models); query heads per key/value head as published where that width allows it (Qwen3-1.7B 2,
-Qwen3-4B/8B 4, the 14B models 5), one key/value head; FFN 3 × width. Qwen2's attention has no
-``head_dim`` key (it is ``hidden_size / num_attention_heads``), so a Qwen2 model's query heads are
-``width / 32``: Qwen2.5-3B keeps 2 query heads per key/value head instead of its 8. Teachers stay wider
-than their students, as in the paper's pairs.
+kernel runs); width ``hidden_size / 32`` of the real one (64 for Qwen3-1.7B and Qwen2.5-3B, 160 for
+Qwen3-14B); one key/value head, or as many as the teacher tensor parallelism the recipes serve the model
+with (2 for the 14B teachers, so that TP 2 splits them as it splits the real ones); query heads per
+key/value head as published where that width allows it (Qwen3-1.7B 2, Qwen3-4B/8B 4, the 14B models 5);
+FFN 3 × width. Qwen2's attention has no ``head_dim`` key (it is ``hidden_size / num_attention_heads``):
+a Qwen2 model with one key/value head has ``width / 32`` query heads (Qwen2.5-3B keeps 2 query heads per
+key/value head instead of its 8), and one with more is as wide as its query heads need
+(DeepSeek-R1-Distill-Qwen-14B: 2 × 5 heads of 32, width 320). Teachers stay wider than their students,
+as in the paper's pairs.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class RealModel:
     tokenizer: a `ta_opd_verl.shapes.tokenizers.FAMILIES` name.
     train_steps: optimiser steps of the shrunken model's warm-up training: larger real models get more,
         so every teacher has seen more data than its student (`ta_opd_verl.shapes.build`).
+    tensor_parallel: the teacher tensor parallelism the recipes serve the model with (2 for the 14B
+        teachers); the shrunken model gets as many key/value heads, so that vLLM splits its attention
+        across ranks as it splits the real model's.
     """
 
     name: str
@@ -63,17 +69,24 @@ class RealModel:
     pad_token_id: int
     published: PublishedLayout
     train_steps: int
+    tensor_parallel: int = 1
 
     def shrunken_layout(self) -> dict[str, int]:
         """The config keys of the 2-layer stand-in (module docstring: the rule)."""
         width = self.published.hidden_size // WIDTH_DIVISOR
         group = self.published.num_heads // self.published.num_kv_heads
-        heads = width // SHRUNKEN_HEAD_DIM if self.model_type == "qwen2" else group
+        kv_heads = self.tensor_parallel
+        heads = group * kv_heads
+        if self.model_type == "qwen2":
+            if kv_heads == 1:
+                heads = width // SHRUNKEN_HEAD_DIM
+            else:
+                width = heads * SHRUNKEN_HEAD_DIM
         layout = {
             "hidden_size": width,
             "num_hidden_layers": SHRUNKEN_LAYERS,
             "num_attention_heads": heads,
-            "num_key_value_heads": 1,
+            "num_key_value_heads": kv_heads,
             "intermediate_size": 3 * width,
         }
         if self.model_type == "qwen3":
@@ -146,6 +159,7 @@ MODELS: dict[str, RealModel] = {
             tie_word_embeddings=False,
             published=PublishedLayout(5120, 40, 40, 8, 17408),
             train_steps=40,
+            tensor_parallel=2,
             **_QWEN3,
         ),
         # The paper's student is instruction-tuned (shapes/tokenizers.py: the Instruct tokenizer); its
@@ -185,6 +199,7 @@ MODELS: dict[str, RealModel] = {
             pad_token_id=151_643,
             published=PublishedLayout(5120, 48, 40, 8, 13824),
             train_steps=40,
+            tensor_parallel=2,
         ),
     )
 }

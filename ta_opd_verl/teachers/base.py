@@ -11,17 +11,22 @@ A teacher is chosen once (`ta_opd_verl.teachers.resolve_teacher`) and asked, at 
 - in the driver after the scoring forward: what to store for the selection and the update
   (`after_scoring`, `score_fields`) and which fields the update must not receive (`update_leaves_out`).
 
-Instances hold no model: they are pickled to every worker inside the loss callable.
+Instances hold no model: they are pickled to every worker inside the loss callable. They carry the
+special-token maps to apply (`use_special_token_maps`), derived once in the driver by the pre-flight check
+that loads both tokenizers anyway (`ta_opd_verl.checks.checked_pairs`): plain dictionaries of ints that
+travel with the instance, so no worker or server loads a tokenizer for them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import torch
 from omegaconf import DictConfig
 
 from ta_opd_verl.protocol import COMPATIBILITY_FIELD, DISAGREEMENT_FIELD, TOPK_ENTROPY_FIELD
+from ta_opd_verl.special_tokens import SpecialTokenMap
 from ta_opd_verl.teachability import TokenStatistics
 
 TA_OPD_KEY = "distillation.distillation_loss.ta_opd"
@@ -36,10 +41,19 @@ class Teacher(ABC):
     # Whether the teacher's full logits sit next to the student's (exact C, no teacher pool).
     colocated: bool
 
+    def __init__(self):
+        # Teacher model folder (as configured) -> the special-token map its scoring applies.
+        self.special_token_maps: dict[str, SpecialTokenMap] = {}
+
     @classmethod
     def from_config(cls, config: DictConfig) -> Teacher:
         """The teacher for a composed verl config."""
         return cls()
+
+    def use_special_token_maps(self, maps: Mapping[str, SpecialTokenMap]) -> None:
+        """Apply these maps (teacher model folder -> map, each with entries; a folder left out is scored on
+        the student's ids as they are): set in the driver before the instance is sent anywhere."""
+        self.special_token_maps = dict(maps)
 
     # ---- before Ray starts -----------------------------------------------------------------------------
     @abstractmethod

@@ -14,6 +14,13 @@ The teacher's ``[N, V]`` logits are never materialised: the forward stops at the
 memory is the hidden states plus one block whatever N. `body_and_head` is the one place that knows how a
 Hugging Face causal LM is built, and `LoadedTeacher` checks that knowledge on each model it loads.
 
+With a special-token map (`ta_opd_verl.special_tokens`: a teacher whose added tokens differ from the
+student's) the teacher reads the student's sequence through the map and its log-probs come back in the
+student's id space block by block (`StudentSpaceBlocks`), before anything is computed from them: D, C,
+the rows and the reverse KL are all in the student's ids. The scoring forward then also returns the
+teacher's mass on ids the student cannot place (`TEACHER_ORPHAN_MASS_FIELD`), and the sampled token's
+teacher log-prob is the one at the id the teacher read.
+
 The teacher runs at temperature 1.0, like verl's teacher servers (which force 1.0 for prompt log-probs):
 its logits are never divided by the rollout temperature, while the student's arrive already divided. It is
 given the student's input the way verl's engine gave it to the student (packed with ``position_ids``, or
@@ -30,6 +37,7 @@ from typing import TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM
 
 from ta_opd_verl.config import TAOPDConfigError
@@ -37,11 +45,19 @@ from ta_opd_verl.opd_loss import reverse_kl_full_from_blocks
 from ta_opd_verl.protocol import (
     LOWER_BOUND_COMPATIBILITY_FIELD,
     LOWER_BOUND_DISAGREEMENT_FIELD,
+    SAMPLED_LOGPROB_FIELD,
     TEACHER_IDS_FIELD,
     TEACHER_LOGPROBS_FIELD,
+    TEACHER_ORPHAN_MASS_FIELD,
     stack_teacher_rows,
     teacher_entry_fields,
     teacher_entry_outputs,
+)
+from ta_opd_verl.special_tokens import (
+    SpecialTokenMap,
+    StudentSpaceBlocks,
+    student_ids_without_counterpart,
+    student_to_teacher_ids,
 )
 from ta_opd_verl.teachability import DEFAULT_PROB_FLOOR, teacher_entries, token_statistics
 from ta_opd_verl.teacher_head import LogProbBlocks, head_log_prob_blocks, rows_per_block
@@ -79,6 +95,7 @@ class ColocatedFSDPTeacher(Teacher):
     colocated = True
 
     def __init__(self, attn_implementation: str | None = None):
+        super().__init__()
         # The student's attention kernel, which the teacher uses too.
         self.attn_implementation = attn_implementation
 
@@ -112,11 +129,15 @@ class ColocatedFSDPTeacher(Teacher):
         """Nothing to install: the teacher loads in each worker on its first scoring micro-batch."""
 
     def score_fields(self, settings, topk: int) -> list[str]:
-        return (
+        fields = (
             [LOWER_BOUND_DISAGREEMENT_FIELD, LOWER_BOUND_COMPATIBILITY_FIELD]
             if dumps_lower_bound(settings)
             else []
         )
+        return fields + [TEACHER_ORPHAN_MASS_FIELD] if self._special_token_map(settings) else fields
+
+    def _special_token_map(self, settings) -> SpecialTokenMap | None:
+        return self.special_token_maps.get(settings.teacher_path)
 
     def after_scoring(self, batch, topk: int):
         """The per-token teacher fields as ``teacher_ids`` / ``teacher_logprobs`` over the whole sequence
@@ -134,38 +155,57 @@ class ColocatedFSDPTeacher(Teacher):
         """Run this process's teacher on the micro-batch and score both models, the teacher's output layer
         block by block."""
         settings = loss_fn.settings
+        token_map = self._special_token_map(settings)
         vocab = student_logits.shape[-1]
         sampled_ids = torch.roll(data["input_ids"].values(), shifts=-1, dims=0)
 
         def score(hidden: torch.Tensor, head: torch.nn.Linear) -> dict[str, torch.Tensor]:
-            return score_with_teacher(
+            blocks = head_log_prob_blocks(
+                hidden, head.weight, head.bias, vocab=vocab, block_rows=rows_per_block(vocab)
+            )
+            if token_map is not None:
+                read_ids = student_to_teacher_ids(sampled_ids, token_map)
+                blocks = StudentSpaceBlocks(blocks, token_map, len(read_ids), read_ids.device, read_ids)
+            outputs = score_with_teacher(
                 student_logits,
-                head_log_prob_blocks(
-                    hidden, head.weight, head.bias, vocab=vocab, block_rows=rows_per_block(vocab)
-                ),
+                blocks,
                 sampled_ids,
                 **settings.scoring_options(),
                 topk=loss_fn.loss_config.topk,
                 exact_compatibility=settings.compatibility == "exact",
                 lower_bound_outputs=dumps_lower_bound(settings),
             )
+            if token_map is not None:
+                # The teacher's log-prob of the token it read: finite also for a student id that reads no
+                # column of the distribution (its teacher id belongs to another student id).
+                outputs[SAMPLED_LOGPROB_FIELD] = blocks.read_logprobs.unsqueeze(0)
+                outputs[TEACHER_ORPHAN_MASS_FIELD] = blocks.orphan_mass.unsqueeze(0)
+            return outputs
 
-        return self._teacher(loss_fn, student_logits.device).run_with_head(data, score)
+        return self._teacher(loss_fn, student_logits.device).run_with_head(data, score, token_map)
 
     def reverse_kl_full(self, loss_fn, student_rows: torch.Tensor, data, rows: torch.Tensor) -> torch.Tensor:
         """Run the teacher on the update's micro-batch again and take its output layer at ``rows`` only,
         block by block: KL(p_θ || p_T) over the whole vocabulary (`opd_loss.reverse_kl_full`) at each."""
+        token_map = self._special_token_map(loss_fn.settings)
         vocab = student_rows.shape[-1]
 
         def kl(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
             blocks = head_log_prob_blocks(
                 hidden[rows], head.weight, head.bias, vocab=vocab, block_rows=rows_per_block(vocab)
             )
+            left_out = None
+            if token_map is not None:
+                blocks = StudentSpaceBlocks(blocks, token_map, len(rows), student_rows.device)
+                common = min(head.weight.shape[0], vocab)
+                left_out = torch.tensor(
+                    student_ids_without_counterpart(token_map, common), device=student_rows.device
+                )
             # The teacher's forward runs without gradients; the student's rows need one.
             with torch.enable_grad():
-                return reverse_kl_full_from_blocks(student_rows, blocks)
+                return reverse_kl_full_from_blocks(student_rows, blocks, left_out)
 
-        return self._teacher(loss_fn, student_rows.device).run_with_head(data, kl)
+        return self._teacher(loss_fn, student_rows.device).run_with_head(data, kl, token_map)
 
     def _teacher(self, loss_fn, device: torch.device) -> LoadedTeacher:
         if sequence_parallel_size() > 1:
@@ -241,14 +281,23 @@ class LoadedTeacher:
         self._check_head(device)
 
     @torch.no_grad()
-    def run_with_head(self, data, use: Callable[[torch.Tensor, torch.nn.Linear], Result]) -> Result:
-        """Run the teacher on a verl micro-batch and return ``use(hidden, head)``: its final hidden states
-        ``[total_nnz, H]`` in the packed order of the student's logits, and its output layer.
+    def run_with_head(
+        self,
+        data,
+        use: Callable[[torch.Tensor, torch.nn.Linear], Result],
+        token_map: SpecialTokenMap | None = None,
+    ) -> Result:
+        """Run the teacher on a verl micro-batch (its ids read through ``token_map`` when given) and return
+        ``use(hidden, head)``: its final hidden states ``[total_nnz, H]`` in the packed order of the
+        student's logits, and its output layer.
 
         ``use`` runs inside the teacher's forward, where FSDP2 has gathered the output layer; the model's own
         output layer runs on one position per sequence. The forward is in the teacher's own dtype (the
         forward's autocast is switched off)."""
         input_ids, position_ids = data["input_ids"], data["position_ids"]
+        if token_map is not None:
+            teacher_ids = student_to_teacher_ids(input_ids.values(), token_map)
+            input_ids = torch.nested.nested_tensor_from_jagged(teacher_ids, input_ids.offsets())
         if position_ids.dim() == 3:
             raise NotImplementedError(
                 "the fsdp teacher takes text models only (multimodal rope position_ids are not supported)"
@@ -281,6 +330,11 @@ class LoadedTeacher:
         """``use`` of the body's output inside the forward, and the model's own logits (one position)."""
         results = []
         hook = self.body.register_forward_hook(lambda _module, _args, output: results.append(use(output[0])))
+        if isinstance(self.head, FSDPModule):
+            # An output layer sharded on its own (verl does so when it is not tied to the embedding) is
+            # gathered only for its own forward, after the body's: gather it for ``use`` (the model's own
+            # call then finds it gathered and reshards it).
+            self.head.unshard()
         try:
             with torch.autocast(device_type=inputs["input_ids"].device.type, enabled=False):
                 output = self.model(**inputs, use_cache=False, logits_to_keep=1)

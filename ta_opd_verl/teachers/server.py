@@ -9,15 +9,26 @@ layout); the student's rollout servers are untouched (`ta_opd_verl.verl_fence.ro
 
 C is the lower bound (Eq. 17): a server returns only the teacher's own top-K, not its log-probs at the
 student's top-k ids.
+
+With a special-token map (`ta_opd_verl.special_tokens`) the server reads the student's whole sequence
+through it and returns its rows in the student's ids (`StudentSpaceRequests`): a top-K entry with no
+student counterpart becomes the filler verl's extraction writes for a missing entry (id 0, log-prob -inf),
+which every reader of the rows skips as no entry (`token_statistics`, the top-K losses of
+`ta_opd_verl.opd_loss`, the trainer's ``sampled_outside_teacher_topk``). The teacher's mass on such ids is
+then known only inside its top-K, and the rows have no column for it: the orphan-mass metric comes from
+the colocated teacher only.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ta_opd_verl.config import TAOPDConfigError
 from ta_opd_verl.protocol import TEACHER_IDS_FIELD, TEACHER_LOGPROBS_FIELD, split_teacher_entries
+from ta_opd_verl.special_tokens import SpecialTokenMap, student_to_teacher_ids, teacher_to_student_ids
 from ta_opd_verl.teachability import token_statistics
 from ta_opd_verl.teachers.base import LOSS_KEY, TEACHER_KEY, Teacher, skipped_entropy, statistics_outputs
 from ta_opd_verl.verl_fence.rollout import register_vllm_replica
@@ -51,6 +62,33 @@ def extract_prompt_logprobs_with_sampled_token(output, num_prompt_logprobs, resu
     rows_logprobs.append([0.0] * (num_prompt_logprobs + 1))
     result_dict["prompt_ids"] = rows_ids
     result_dict["prompt_logprobs"] = rows_logprobs
+
+
+@dataclass(frozen=True)
+class StudentSpaceRequests:
+    """A teacher server's requests through a special-token map (`ta_opd_verl.verl_fence.rollout.RequestMap`):
+    the student's sequence in, rows in the student's ids out."""
+
+    token_map: SpecialTokenMap
+
+    def teacher_prompt_ids(self, prompt_ids: list[int]) -> list[int]:
+        return student_to_teacher_ids(torch.tensor(prompt_ids), self.token_map).tolist()
+
+    def to_student(self, prompt_ids: list[int], extra_fields: dict) -> None:
+        """The rows of `extract_prompt_logprobs_with_sampled_token` in the student's ids: the top-K ids mapped
+        back, an entry with no student counterpart turned into the missing-entry filler (id 0, -inf); the
+        sampled column the student's own token, with the teacher's log-prob of the id it read."""
+        if "prompt_ids" not in extra_fields:  # an aborted request returns no rows
+            return
+        ids = torch.tensor(extra_fields["prompt_ids"])
+        # float64 holds every Python float of the rows as it is.
+        logprobs = torch.tensor(extra_fields["prompt_logprobs"], dtype=torch.float64)
+        top = teacher_to_student_ids(ids[:-1, :-1], self.token_map)  # the last row is verl's dummy row
+        ids[:-1, :-1] = top.ids.masked_fill(top.orphan, 0)
+        logprobs[:-1, :-1] = logprobs[:-1, :-1].masked_fill(top.orphan, float("-inf"))
+        ids[:-1, -1] = torch.tensor(prompt_ids[1:], dtype=ids.dtype)
+        extra_fields["prompt_ids"] = ids.tolist()
+        extra_fields["prompt_logprobs"] = logprobs.tolist()
 
 
 class ServerTeacher(Teacher):
@@ -92,7 +130,8 @@ class ServerTeacher(Teacher):
         """Nothing to change: verl starts its teacher servers from ``distillation.teacher_models``."""
 
     def install(self) -> None:
-        register_vllm_replica(extract_prompt_logprobs_with_sampled_token)
+        request_maps = {path: StudentSpaceRequests(m) for path, m in self.special_token_maps.items()}
+        register_vllm_replica(extract_prompt_logprobs_with_sampled_token, request_maps)
 
     def score_micro_batch(self, loss_fn, student_logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
         """D and C from the teacher rows the server wrote for this micro-batch."""

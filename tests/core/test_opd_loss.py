@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from ta_opd_verl.opd_loss import reverse_kl_full, reverse_kl_topk_tail
+from ta_opd_verl.opd_loss import reverse_kl_full, reverse_kl_on_teacher_support, reverse_kl_topk_tail
 
 ROWS, VOCAB = 6, 40
 
@@ -228,3 +228,27 @@ def test_no_positions_give_no_values_and_no_gradient():
     assert tail.shape == full.shape == (0,)
     (tail.sum() + full.sum()).backward()
     assert student.grad.shape == (0, VOCAB)
+
+
+@pytest.mark.parametrize("loss", [reverse_kl_on_teacher_support, reverse_kl_topk_tail])
+def test_an_absent_teacher_entry_is_left_out_of_the_top_k_losses(loss):
+    """An entry with log-prob -inf (verl's filler for a missing entry, id 0: where a teacher server's entry
+    had no student counterpart) gives the value and gradient of the rows without it."""
+    logits = torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1, 0, 2, 3], [4, 0, 0, 5], [0, 6, 7, 8]])
+    logprobs = torch.log(torch.tensor([[0.3, 0.2, 0.1, 0.1]] * 3, dtype=torch.float64))
+    logprobs[0, 1] = logprobs[1, 2] = logprobs[2, 0] = float("-inf")
+    kept = [[0, 2, 3], [0, 1, 3], [1, 2, 3]]
+    with_absent = logits.clone().requires_grad_(True)
+    values = loss(with_absent, ids, logprobs)
+    values.sum().backward()
+    without = logits.clone().requires_grad_(True)
+    expected = torch.stack(
+        [
+            loss(without[row : row + 1], ids[row : row + 1, cols], logprobs[row : row + 1, cols])[0]
+            for row, cols in enumerate(kept)
+        ]
+    )
+    expected.sum().backward()
+    torch.testing.assert_close(values, expected)
+    torch.testing.assert_close(with_absent.grad, without.grad)

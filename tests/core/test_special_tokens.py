@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from student_space import moved_columns
 from transformers import AutoTokenizer
 
 from ta_opd_verl.config import TAOPDConfig
 from ta_opd_verl.special_tokens import (
     NO_STUDENT_ID,
-    NOT_APPLIED,
     SPECIAL_TOKEN_MAP_KEY,
+    SpecialTokenMap,
     SpecialTokenMismatchError,
+    StudentSpaceBlocks,
     check_special_token_map,
     derive_special_token_map,
     orphan_mass,
@@ -21,7 +23,8 @@ from ta_opd_verl.special_tokens import (
     student_to_teacher_ids,
     teacher_to_student_ids,
 )
-from ta_opd_verl.vocab import check_pair, check_same_vocabulary
+from ta_opd_verl.teacher_head import logit_log_prob_blocks
+from ta_opd_verl.vocab import APPLIED, check_pair, check_same_vocabulary
 
 QWEN25, R1, QWEN3 = "qwen2.5-instruct", "deepseek-r1-distill-qwen", "qwen3"
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
@@ -81,7 +84,7 @@ def test_auto_map_of_the_paper_pair(real_tokenizer_folders):
     assert token_map.unmapped_student_ids == {IM_START, 151646, 151647, 151648, 151649}
     summary = "\n".join(pair.summary())
     assert "'<|im_end|>' (151645) -> '<｜end▁of▁sentence｜>' (151643) [end_of_turn]" in summary
-    assert NOT_APPLIED in summary
+    assert APPLIED in summary
     assert "prompt token '<|im_start|>' (id 151644) is '<｜User｜>' to the teacher" in summary
 
 
@@ -165,3 +168,69 @@ def test_config_key_is_validated(value, accepted):
 
 def test_config_default_keeps_existing_runs_working():
     assert TAOPDConfig().special_token_map == "auto"
+
+
+# ---- the teacher's distribution in the student's ids, block by block ---------------------------------
+
+# A map over a 12-id vocabulary: two student ids reach teacher id 8 (the end of turn first, so it keeps
+# it), student 11 reads teacher 9, student 6 is unmapped and teacher 7 an orphan.
+SMALL_MAP = SpecialTokenMap(
+    entries={10: (8, "end_of_turn"), 8: (8, "pad"), 11: (9, "string")},
+    teacher_orphans=frozenset({7}),
+    unmapped_student_ids=frozenset({6}),
+)
+
+
+def _student_space(log_probs: torch.Tensor, token_map, block_rows: int, read_ids=None):
+    blocks = StudentSpaceBlocks(
+        logit_log_prob_blocks(log_probs, vocab=log_probs.shape[-1], block_rows=block_rows),
+        token_map,
+        log_probs.shape[0],
+        log_probs.device,
+        read_ids,
+    )
+    return torch.cat([block.clone() for _, block in blocks]), blocks
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 100])
+def test_the_column_gather_per_block_equals_the_columns_moved_by_hand(block_rows):
+    logits = torch.randn(7, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    read_ids = torch.tensor([8, 9, 0, 8, 7, 11, 2])
+    student, blocks = _student_space(logits, SMALL_MAP, block_rows, read_ids)
+    teacher = torch.log_softmax(logits, -1)
+    expected, orphan = moved_columns(teacher, {10: 8, 11: 9}, [6, 7, 8, 9], [6, 7, 10, 11])
+    assert torch.equal(student, expected)
+    torch.testing.assert_close(blocks.orphan_mass.double(), orphan, rtol=1e-6, atol=1e-7)
+    # What the teacher gave each id it read, before the columns moved (8 and 9 no longer have a column).
+    torch.testing.assert_close(blocks.read_logprobs.double(), teacher.gather(-1, read_ids[:, None])[:, 0])
+    # What the student cannot place is what its columns lack: together they hold all the teacher's mass.
+    torch.testing.assert_close(student.exp().sum(-1) + orphan, torch.ones(7, dtype=torch.float64))
+
+
+def test_an_identity_map_leaves_every_block_unchanged_bit_for_bit():
+    logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(1))
+    unchanged = torch.log_softmax(logits, -1)
+    for token_map in (
+        SpecialTokenMap(
+            entries={5: (5, "explicit")}, teacher_orphans=frozenset(), unmapped_student_ids=frozenset()
+        ),
+        SpecialTokenMap(entries={}, teacher_orphans=frozenset(), unmapped_student_ids=frozenset()),
+    ):
+        student, blocks = _student_space(logits, token_map, block_rows=2)
+        assert torch.equal(student, unchanged)
+        assert torch.equal(blocks.orphan_mass, torch.zeros(5))
+
+
+def test_the_paper_pairs_map_moves_the_end_of_turn_and_counts_rs_own_tokens_as_orphans(checked_map):
+    """Qwen2.5 student, R1-Distill teacher: the student's <|im_end|> takes the teacher's end of sentence;
+    the student's <|endoftext|> (whose teacher id the end of turn took) and its other differing tokens get
+    probability 0; R1's <｜User｜> ... </think> are the mass the student cannot place."""
+    token_map = checked_map(QWEN25, R1)
+    logits = torch.randn(3, 151_936, generator=torch.Generator().manual_seed(2))
+    student, blocks = _student_space(logits, token_map, block_rows=2)
+    unread = list(range(R1_USER, R1_THINK + 2))
+    expected, orphan = moved_columns(
+        torch.log_softmax(logits, -1), {IM_END: R1_EOS}, [ENDOFTEXT, IM_START, *range(151646, 151650)], unread
+    )
+    assert torch.equal(student, expected)
+    torch.testing.assert_close(blocks.orphan_mass.double(), orphan, rtol=1e-5, atol=1e-8)

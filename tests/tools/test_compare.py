@@ -304,6 +304,19 @@ def test_outputs_hold_the_table_the_summary_the_plot_and_the_missing_runs(tmp_pa
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 
+def test_the_plot_draws_the_budget_curve_only_when_more_than_one_budget_ran(tmp_path):
+    from PIL import Image
+
+    from ta_opd_verl.compare.plot import plot_comparison
+
+    widths = {}
+    for name, results in (("curve", FIXED_RESULTS), ("main", FIXED_RESULTS[:3])):
+        plot_comparison(aggregate(results), tmp_path / f"{name}.png")
+        widths[name] = Image.open(tmp_path / f"{name}.png").size[0]
+    # Three panels of the same size against two: the figure is 17 inches wide against 12.
+    assert widths["curve"] / widths["main"] == pytest.approx(17 / 12, rel=0.01)
+
+
 # ---- the held-out reverse KL on the tiny pair (plain torch, no verl) ----
 
 

@@ -52,6 +52,18 @@ def test_every_teacher_is_wider_and_trains_longer_than_its_student(teacher, stud
     assert t.train_steps > s.train_steps
 
 
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_tensor_parallelism_splits_the_shrunken_heads_as_it_splits_the_real_ones(name):
+    model = models.MODELS[name]
+    layout, tp = model.shrunken_layout(), model.tensor_parallel
+    assert layout["num_key_value_heads"] == tp and layout["num_attention_heads"] % tp == 0
+    group = model.published.num_heads // model.published.num_kv_heads
+    # The published grouping where the width allows it (a Qwen2 model with one key/value head has
+    # width / 32 query heads: module docstring).
+    if model.model_type == "qwen3" or tp > 1:
+        assert layout["num_attention_heads"] == group * tp
+
+
 def test_an_unknown_model_is_refused_with_the_known_names():
     with pytest.raises(models.UnknownModelError, match="Qwen3-1.7B"):
         models.real_model("Qwen3-0.6B")

@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 from verl_fixtures import compose_config
 
-from ta_opd_verl.checks import check_model_paths, check_ta_opd_config
+from ta_opd_verl.checks import (
+    check_model_paths,
+    check_ta_opd_config,
+    checked_pairs,
+    special_token_maps_to_apply,
+)
 from ta_opd_verl.special_tokens import SpecialTokenMismatchError
 
 TEACHER_KEY = "distillation.teacher_models.teacher_model.model_path"
@@ -45,3 +50,18 @@ def test_an_explicit_map_in_the_config_is_accepted(real_tokenizer_folders):
     )
     check_ta_opd_config(config)
     assert any("[explicit]" in note for note in check_model_paths(config))
+
+
+def test_the_map_the_teachers_apply_is_keyed_by_the_teacher_folder(real_tokenizer_folders):
+    """What the trainer hands the teacher: the derived map for the paper pair, nothing for a pair whose
+    tokens agree (no map, no cost)."""
+    (folder, token_map), *others = special_token_maps_to_apply(
+        checked_pairs(_config(real_tokenizer_folders))
+    ).items()
+    assert others == [] and folder == str(real_tokenizer_folders["deepseek-r1-distill-qwen"])
+    assert dict(token_map.student_reads) == {151645: 151643}
+    qwen3 = real_tokenizer_folders["qwen3"]
+    agreeing = compose_config(
+        "ta_opd_cpu", [f"actor_rollout_ref.model.path={qwen3}", f"{TEACHER_KEY}={qwen3}"]
+    )
+    assert special_token_maps_to_apply(checked_pairs(agreeing)) == {}

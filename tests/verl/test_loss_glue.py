@@ -158,13 +158,18 @@ def _with_normalised_teacher_rows(data, vocab: int, seed: int):
     return data
 
 
-def test_tail_loss_is_the_mean_of_the_tail_reverse_kl_over_the_selected_positions():
-    """``loss=reverse_kl_topk_tail``: the update's processor computes the tail KL at the selected rows of
-    the packed logits only (0 elsewhere), and the loss averages it over the selection; its gradient in
-    the student's logits is the direct computation's, and reaches no other row."""
+@pytest.mark.parametrize("loss_name", ["reverse_kl_topk", "reverse_kl_topk_tail"])
+def test_top_k_losses_are_the_mean_of_their_reverse_kl_over_the_selected_positions(loss_name):
+    """``loss=reverse_kl_topk`` / ``reverse_kl_topk_tail``: the update's processor computes the KL at the
+    selected rows of the packed logits only (0 elsewhere), and the loss averages it over the selection; its
+    gradient in the student's logits is the direct computation's, and reaches no other row."""
     from ta_opd_verl.opd_loss import reverse_kl_topk_tail
 
-    _, actor, distillation = _configs("reverse_kl_topk_tail")
+    direct_loss = {
+        "reverse_kl_topk": reverse_kl_on_teacher_support,
+        "reverse_kl_topk_tail": reverse_kl_topk_tail,
+    }[loss_name]
+    _, actor, distillation = _configs(loss_name)
     prompt_lengths, response_lengths, selection = [3, 2, 4], [4, 5, 2], [[0, 3], [], [1]]
     data, _, _ = synthetic_micro_batch(
         prompt_lengths, response_lengths, vocab=VOCAB, topk=TOPK, selection=selection
@@ -183,7 +188,7 @@ def test_tail_loss_is_the_mean_of_the_tail_reverse_kl_over_the_selected_position
     teacher_ids = data["teacher_ids"].values()[rows, :TOPK]
     teacher_logprobs = data["teacher_logprobs"].values()[rows, :TOPK]
     reference_logits = logits.detach().clone().requires_grad_()
-    direct = reverse_kl_topk_tail(reference_logits[0, rows], teacher_ids, teacher_logprobs)
+    direct = direct_loss(reference_logits[0, rows], teacher_ids, teacher_logprobs)
     direct.mean().backward()
     assert loss.item() == pytest.approx(direct.mean().item(), rel=1e-6)
     assert metrics["ta_opd/reverse_kl_selected"] == pytest.approx(direct.mean().item(), rel=1e-6)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from student_space import moved_columns
 from tensordict import TensorDict
 from verl_fixtures import compose_config, nested, run_update, selected_packed_rows, ta_opd_loss_function
 
@@ -19,10 +20,12 @@ from ta_opd_verl.protocol import (
     SCORE_PHASE,
     TEACHER_ID_FIELD,
     TEACHER_LOGPROB_FIELD,
+    TEACHER_ORPHAN_MASS_FIELD,
     split_teacher_entries,
     stack_teacher_rows,
     teacher_entry_fields,
 )
+from ta_opd_verl.special_tokens import SpecialTokenMap
 
 TOPK, K = 16, 8
 LENGTHS = (7, 12, 5, 9)
@@ -57,14 +60,17 @@ def _loss_fn(teacher_path, compatibility: str) -> TAOPDLossFunction:
     return ta_opd_loss_function(config)
 
 
-def _micro_batch(vocab: int, use_remove_padding: bool, seed: int = 0):
+def _micro_batch(vocab: int, use_remove_padding: bool, seed: int = 0, planted: tuple[int, ...] = ()):
     """A scoring micro-batch as ``FSDPEngineWithLMHead.prepare_model_outputs`` hands it to the processor:
-    nested ``input_ids`` / ``position_ids`` (one row per sequence, no padding) and the non-tensor flags."""
+    nested ``input_ids`` / ``position_ids`` (one row per sequence, no padding) and the non-tensor flags.
+    ``planted`` ids go at position 3 of the first sequences."""
     from tensordict import TensorDict
     from verl.utils import tensordict_utils as tu
 
     generator = torch.Generator().manual_seed(seed)
     sequences = [torch.randint(3, vocab, (length,), generator=generator) for length in LENGTHS]
+    for sequence, token_id in zip(sequences, planted, strict=False):
+        sequence[3] = token_id
     data = TensorDict(
         {"input_ids": nested(sequences), "position_ids": nested([torch.arange(n) for n in LENGTHS])},
         batch_size=len(LENGTHS),
@@ -75,13 +81,17 @@ def _micro_batch(vocab: int, use_remove_padding: bool, seed: int = 0):
     return data, sequences
 
 
-def _reference(teacher, sequences, student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+def _reference(teacher, sequences, student_logits: torch.Tensor, special=None) -> dict[str, torch.Tensor]:
     """Independent float64 computation from the definitions: the teacher run on each sequence alone, full
-    softmax; S = student top-k, T = teacher top-k, U = S ∪ T; exact C = Σ_S p_T; D = KL(p̄_T || p̄_S) on U."""
+    softmax; S = student top-k, T = teacher top-k, U = S ∪ T; exact C = Σ_S p_T; D = KL(p̄_T || p̄_S) on U.
+    With ``special`` (`_SpecialTokens`) the teacher reads the sequences with the ids replaced by hand, its
+    columns are moved by hand and the sampled token's log-prob is the one at the id it read."""
+    read = [special.read(s) for s in sequences] if special else sequences
     with torch.no_grad():
-        teacher_log_probs = torch.cat(
-            [torch.log_softmax(teacher(s.unsqueeze(0)).logits[0].double(), -1) for s in sequences]
+        teacher_space = torch.cat(
+            [torch.log_softmax(teacher(s.unsqueeze(0)).logits[0].double(), -1) for s in read]
         )
+    teacher_log_probs, orphan_mass = special.columns(teacher_space) if special else (teacher_space, None)
     student_log_probs = torch.log_softmax(student_logits[0].double(), -1)
     sampled = torch.roll(torch.cat(sequences), -1)
     s_ids = torch.topk(student_logits[0], K, dim=-1).indices
@@ -92,7 +102,8 @@ def _reference(teacher, sequences, student_logits: torch.Tensor) -> dict[str, to
         p_t = teacher_log_probs[row, union].exp()
         p_s = student_log_probs[row, union].exp()
         p_t, p_s = p_t / p_t.sum(), p_s / p_s.sum()
-        disagreement.append((p_t * (p_t.log() - p_s.clamp_min(1e-12).log())).sum())
+        # A teacher probability of 0 (a student id without a teacher counterpart) adds no term.
+        disagreement.append(torch.where(p_t > 0, p_t * (p_t.log() - p_s.clamp_min(1e-12).log()), 0.0).sum())
         compatibility.append(teacher_log_probs[row, s_ids[row]].exp().sum())
     top = torch.topk(teacher_log_probs, TOPK, dim=-1)
     return {
@@ -109,8 +120,33 @@ def _reference(teacher, sequences, student_logits: torch.Tensor) -> dict[str, to
         "top_ids": top.indices,
         "top_logprobs": top.values,
         "sampled_ids": sampled,
-        "sampled_logprobs": teacher_log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1),
+        "sampled_logprobs": teacher_space.gather(-1, torch.roll(torch.cat(read), -1)[:, None])[:, 0],
+        "orphan_mass": orphan_mass,
     }
+
+
+class _SpecialTokens:
+    """A special-token map over the tiny vocabulary's last ids and what it does, written out by hand: the
+    student's end of turn V-1 and pad V-2 are both the teacher's V-3 (the end of turn keeps it), V-4 is a
+    teacher orphan and V-5 a student id without a counterpart."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+        self.map = SpecialTokenMap(
+            entries={vocab - 1: (vocab - 3, "end_of_turn"), vocab - 2: (vocab - 3, "pad")},
+            teacher_orphans=frozenset({vocab - 4}),
+            unmapped_student_ids=frozenset({vocab - 5}),
+        )
+        self.without_counterpart = [vocab - 5, vocab - 4, vocab - 3, vocab - 2]
+
+    def read(self, sequence: torch.Tensor) -> torch.Tensor:
+        return torch.where(sequence >= self.vocab - 2, self.vocab - 3, sequence)
+
+    def columns(self, teacher_log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.vocab
+        return moved_columns(
+            teacher_log_probs, {v - 1: v - 3}, self.without_counterpart, [v - 5, v - 4, v - 2, v - 1]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +170,16 @@ def test_scoring_processor_gives_exact_compatibility_and_the_teachers_rows(
     for value in outputs.values():
         # verl's prepare_model_outputs asserts one value per packed token.
         assert value.shape == (1, sum(LENGTHS))
-    compatibility = outputs[COMPATIBILITY_FIELD][0].double()
-    torch.testing.assert_close(compatibility, reference["compatibility"], rtol=1e-5, atol=1e-5)
+    assert_scores_and_rows_match(outputs, reference)
     # Exact C is not the lower bound here: the teacher puts mass on student candidates outside its top-16.
     assert (reference["compatibility"] - reference["lower_bound"]).max() > 1e-3
+
+
+def assert_scores_and_rows_match(outputs: dict, reference: dict) -> None:
+    """The processor's exact D and C and its teacher rows equal the reference's."""
+    torch.testing.assert_close(
+        outputs[COMPATIBILITY_FIELD][0].double(), reference["compatibility"], rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(
         outputs[DISAGREEMENT_FIELD][0].double(), reference["disagreement"], rtol=1e-4, atol=2e-5
     )
@@ -160,6 +202,40 @@ def test_lower_bound_mode_uses_only_the_teachers_top_k(pair, teacher_model):
     torch.testing.assert_close(
         outputs[COMPATIBILITY_FIELD][0].double(), reference["lower_bound"], rtol=0, atol=2e-5
     )
+
+
+@pytest.mark.parametrize("use_remove_padding", [True, False], ids=["packed", "padded"])
+def test_with_a_special_token_map_the_teacher_reads_mapped_ids_and_scores_in_the_students_ids(
+    pair, teacher_model, use_remove_padding
+):
+    """The processor with a map equals the teacher run here on the sequences with their ids replaced, its
+    log-probs moved to the student's ids by hand: D, C, the rows, the sampled token's log-prob (at the id
+    the teacher read: finite for the pad, whose column the end of turn took) and the orphan mass."""
+    vocab = teacher_model.config.vocab_size
+    special = _SpecialTokens(vocab)
+    data, sequences = _micro_batch(
+        vocab, use_remove_padding, seed=9, planted=(vocab - 1, vocab - 2, vocab - 1)
+    )
+    student_logits = torch.randn(1, sum(LENGTHS), vocab, generator=torch.Generator().manual_seed(10)) * 3
+    loss_fn = _loss_fn(pair.teacher, "exact")
+    loss_fn.teacher.use_special_token_maps({str(pair.teacher): special.map})
+    outputs = loss_fn(student_logits=student_logits, data=data)
+    reference = _reference(teacher_model, sequences, student_logits, special)
+
+    assert set(outputs) == {
+        DISAGREEMENT_FIELD,
+        COMPATIBILITY_FIELD,
+        TEACHER_ORPHAN_MASS_FIELD,
+        *teacher_entry_fields(TOPK),
+    }
+    assert_scores_and_rows_match(outputs, reference)
+    assert torch.isfinite(outputs[SAMPLED_LOGPROB_FIELD][0]).all()
+    orphan_mass = outputs[TEACHER_ORPHAN_MASS_FIELD][0].double()
+    torch.testing.assert_close(orphan_mass, reference["orphan_mass"], rtol=1e-4, atol=1e-7)
+    assert orphan_mass.min() > 0
+    # The map changed what the teacher read: without it the rows differ.
+    unmapped = _loss_fn(pair.teacher, "exact")(student_logits=student_logits, data=data)
+    assert not torch.equal(unmapped[SAMPLED_LOGPROB_FIELD], outputs[SAMPLED_LOGPROB_FIELD])
 
 
 def test_stored_teacher_rows_have_the_teacher_servers_layout(pair, teacher_model):
@@ -378,14 +454,20 @@ def test_a_model_that_changes_its_logits_after_the_output_layer_is_refused(pair,
 # ---- loss=reverse_kl_full: the teacher again in the update -----------------------------------------------
 
 
-@pytest.mark.parametrize("use_remove_padding", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize(
+    ("use_remove_padding", "mapped"),
+    [(True, False), (False, False), (True, True)],
+    ids=["packed", "padded", "packed-special-token-map"],
+)
 def test_full_reverse_kl_loss_runs_the_teacher_again_at_the_selected_positions(
-    pair, teacher_model, use_remove_padding, monkeypatch
+    pair, teacher_model, use_remove_padding, mapped, monkeypatch
 ):
     """``loss=reverse_kl_full`` in the update: the processor runs the teacher on the update's micro-batch,
     takes its output layer at the selected rows only (in blocks of 2 rows here), and the loss is the mean
     over the selection of KL(p_θ || p_T) over the whole vocabulary, computed here in float64 from the
-    teacher's full softmax sequence by sequence; so is its gradient in the student's logits."""
+    teacher's full softmax sequence by sequence; so is its gradient in the student's logits. With a
+    special-token map the teacher reads the mapped ids, its columns move by hand, and the student ids
+    without a teacher counterpart leave the student's distribution (no gradient there)."""
     from verl.utils import tensordict_utils as tu
     from verl_fixtures import synthetic_micro_batch
 
@@ -399,6 +481,10 @@ def test_full_reverse_kl_loss_runs_the_teacher_again_at_the_selected_positions(
         prompt_lengths, response_lengths, vocab=vocab, topk=TOPK, selection=selection
     )
     sequences = list(data["input_ids"].unbind())
+    special = _SpecialTokens(vocab) if mapped else None
+    if special:
+        sequences[0][1], sequences[2][3] = vocab - 1, vocab - 2  # in a prompt and in a response
+        data["input_ids"] = nested(sequences)
     data["position_ids"] = nested([torch.arange(s.numel()) for s in sequences])
     tu.assign_non_tensor(
         data, ta_opd_phase=TRAIN_PHASE, use_remove_padding=use_remove_padding, pad_token_id=0
@@ -413,20 +499,29 @@ def test_full_reverse_kl_loss_runs_the_teacher_again_at_the_selected_positions(
         ),
     )
     loss_fn = ta_opd_loss_function(config)
+    if special:
+        loss_fn.teacher.use_special_token_maps({str(pair.teacher): special.map})
     logits = torch.randn(1, int(offsets[-1]), vocab, generator=torch.Generator().manual_seed(8)) * 2
     logits.requires_grad_(True)
     per_token, loss, _ = run_update(loss_fn, logits, data, offsets)
     loss.backward()
 
     rows = selected_packed_rows(offsets, prompt_lengths, selection)
+    read = [special.read(s) for s in sequences] if special else sequences
     with torch.no_grad():
         teacher = torch.cat(
-            [torch.softmax(teacher_model(s.unsqueeze(0)).logits[0].double(), -1) for s in sequences]
+            [torch.log_softmax(teacher_model(s.unsqueeze(0)).logits[0].double(), -1) for s in read]
         )
+    kept = torch.ones(vocab, dtype=torch.bool)
+    if special:
+        teacher = special.columns(teacher)[0]
+        kept[special.without_counterpart] = False
     student = logits.detach().double().requires_grad_(True)
-    p = torch.softmax(student[0, rows], -1)
-    expected = (p * torch.log(p / teacher[rows])).sum(-1).mean()
+    log_p = torch.log_softmax(student[0, rows][:, kept], -1)
+    expected = (log_p.exp() * (log_p - teacher[rows][:, kept])).sum(-1).mean()
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(logits.grad.double(), student.grad, rtol=1e-4, atol=1e-7)
-    assert logits.grad[0, rows].abs().min() > 0
+    if special:
+        assert logits.grad[0, rows][:, ~kept].abs().max() == 0
+    assert logits.grad[0, rows][:, kept].abs().min() > 0

@@ -113,6 +113,17 @@ def test_the_sampled_token_outside_the_teachers_top_k_is_counted(tmp_path, monke
     assert metrics["actor/ta_opd/teacher_is_fsdp"] == 0.0
 
 
+def test_the_teacher_rows_size_in_transfer_queue_is_measured_as_stored(tmp_path, monkeypatch):
+    fields = _batch_fields(torch.Generator().manual_seed(2))
+    # verl's teacher servers store int32 ids; the fixture's are int64: each width must show.
+    for ids_dtype, id_bytes in ((torch.int32, 4), (torch.int64, 8)):
+        fields["teacher_ids"] = nested([rows.to(ids_dtype) for rows in fields["teacher_ids"].unbind()])
+        InMemoryTransferQueue(dict(fields)).install(monkeypatch)
+        trainer, metrics = _trainer(tmp_path, ratio=0.5), {}
+        trainer._select(KVBatchMeta(keys=KEYS, tags=TAGS, partition_id="train"), metrics)
+        assert metrics["actor/ta_opd/teacher_rows_bytes_per_token"] == (TOPK + 1) * (id_bytes + 4)
+
+
 def test_the_authors_normalisation_runs_over_every_response_position(tmp_path, monkeypatch):
     """normalize_over=response: the quantiles take in the positions the response mask leaves out (a tool
     output, say); the selection still only keeps positions the mask allows."""
@@ -182,3 +193,49 @@ def test_setup_prints_and_logs_the_resolved_settings_once(monkeypatch, capsys, c
     assert printed.strip() in caplog.text
     (loss_fn,) = sent
     assert loss_fn.settings.min_keep_per_sample == 2 and loss_fn.settings.advantage_logprob == "old"
+
+
+def test_special_token_metrics_count_mapped_positions_and_the_orphan_mass(tmp_path, monkeypatch):
+    """With a map in use: the share of valid positions whose sampled id the map changes, and the colocated
+    teacher's mean orphan mass over them; a teacher entry turned into the missing-entry filler (log-prob
+    -inf) never holds the sampled token."""
+    from ta_opd_verl.protocol import TEACHER_ORPHAN_MASS_FIELD
+    from ta_opd_verl.special_tokens import SpecialTokenMap
+    from ta_opd_verl.teachers import ColocatedFSDPTeacher
+
+    generator = torch.Generator().manual_seed(3)
+    fields = _batch_fields(generator)
+    responses = [row.clone() for row in fields["responses"].unbind()]
+    responses[0][:2] = 7  # the mapped id, at 2 of the 15 valid positions (row 3 is padding)
+    responses[3][:] = 7
+    fields["responses"] = nested(responses)
+    orphan_mass = [torch.rand(r, generator=generator) for r in RESPONSES]
+    fields[TEACHER_ORPHAN_MASS_FIELD] = nested(orphan_mass)
+    # Row 0's first response position: its sampled token sits in the top-K only as a filler entry.
+    ids, logprobs = fields["teacher_ids"].unbind(), fields["teacher_logprobs"].unbind()
+    ids[0][PROMPTS[0] - 1] = torch.tensor([0, 1, 2, 3, 0])
+    logprobs[0][PROMPTS[0] - 1, 0] = float("-inf")
+    fields["teacher_ids"], fields["teacher_logprobs"] = nested(list(ids)), nested(list(logprobs))
+    InMemoryTransferQueue(fields).install(monkeypatch)
+
+    trainer = _trainer(tmp_path, ratio=0.5, teacher="fsdp", teacher_path="/models/teacher")
+    trainer.teacher = ColocatedFSDPTeacher()
+    token_map = SpecialTokenMap(
+        entries={7: (3, "end_of_turn")}, teacher_orphans=frozenset({4}), unmapped_student_ids=frozenset()
+    )
+    trainer.teacher.use_special_token_maps({"/models/teacher": token_map})
+    metrics = {}
+    trainer._select(KVBatchMeta(keys=KEYS, tags=TAGS, partition_id="train"), metrics)
+
+    n_valid = sum(RESPONSES[:3])
+    expected_mapped = sum(int((row == 7).sum()) for row in responses[:3]) / n_valid
+    assert math.isclose(metrics["actor/ta_opd/special_token_mapped_share"], expected_mapped, rel_tol=1e-6)
+    expected_mass = torch.cat(orphan_mass[:3]).double().mean().item()
+    assert math.isclose(metrics["actor/ta_opd/teacher_orphan_mass"], expected_mass, rel_tol=1e-6)
+    outside = 0
+    for row in range(3):
+        p, r = PROMPTS[row], RESPONSES[row]
+        rows, values = ids[row][p - 1 : p + r - 1], logprobs[row][p - 1 : p + r - 1]
+        present = (rows[:, :TOPK] == rows[:, TOPK:]) & (values[:, :TOPK] > float("-inf"))
+        outside += int((~present.any(-1)).sum())
+    assert math.isclose(metrics["actor/ta_opd/sampled_outside_teacher_topk"], outside / n_valid, rel_tol=1e-6)
