@@ -32,10 +32,26 @@ def pair():
     return build_tiny_pair(quiet=True)
 
 
-def _run_ranks(pair, sequences, report_path: str) -> list[dict]:
-    run_ranks(
-        rank_main, WORLD_SIZE, (str(pair.student), str(pair.teacher), sequences, report_path), RANK_TIMEOUT_S
-    )
+@pytest.fixture(scope="module")
+def teachers(pair, tmp_path_factory) -> dict:
+    """The tiny teacher as built (its output layer tied to its embedding), and a copy with an output layer
+    of its own, as the 8B and 14B teachers have: FSDP2 then shards that layer as a unit of its own, which
+    the blocked head must gather before using it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    untied = tmp_path_factory.mktemp("untied") / "teacher"
+    shutil.copytree(pair.teacher, untied)
+    model = AutoModelForCausalLM.from_pretrained(pair.teacher, dtype=torch.float32)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.save_pretrained(untied)
+    return {"tied": pair.teacher, "untied": untied}
+
+
+def _run_ranks(student, teacher, sequences, report_path: str) -> list[dict]:
+    run_ranks(rank_main, WORLD_SIZE, (str(student), str(teacher), sequences, report_path), RANK_TIMEOUT_S)
     return [torch.load(report_path.format(rank=rank)) for rank in range(WORLD_SIZE)]
 
 
@@ -44,14 +60,16 @@ def _log_softmax(model, sequence: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(model(sequence.unsqueeze(0)).logits[0].double(), dim=-1)
 
 
-def test_fsdp2_teacher_in_verls_actor_worker_scores_exactly(pair, tmp_path):
+@pytest.mark.parametrize("output_layer", ["tied", "untied"])
+def test_fsdp2_teacher_in_verls_actor_worker_scores_exactly(pair, teachers, output_layer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     load = {"dtype": torch.float32, "attn_implementation": "sdpa"}
     student = AutoModelForCausalLM.from_pretrained(pair.student, **load)
-    teacher = AutoModelForCausalLM.from_pretrained(pair.teacher, **load)
+    teacher = AutoModelForCausalLM.from_pretrained(teachers[output_layer], **load)
+    assert teacher.config.tie_word_embeddings == (output_layer == "tied")
     sequences = make_sequences(student.config.vocab_size)
-    reports = _run_ranks(pair, sequences, str(tmp_path / "rank{rank}.pt"))
+    reports = _run_ranks(pair.student, teachers[output_layer], sequences, str(tmp_path / "rank{rank}.pt"))
 
     # The teacher was sharded by FSDP2 over both ranks (dim 0 of each parameter), not replicated.
     assert all(report["teacher_is_fsdp2"] for report in reports)
