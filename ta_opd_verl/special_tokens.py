@@ -27,7 +27,7 @@ report's ``special_differences``); every other id is its own counterpart:
 
 Teacher ids map back to the first student id (in the forward map's role order) that maps to them; a
 differing teacher id that no student id maps to has no student counterpart (R1's ``<think>``, its
-``<｜Assistant｜>``): its probability mass is the mass the student cannot place (`orphan_mass`).
+``<｜Assistant｜>``): its probability mass is the mass the student cannot place (`to_student_columns`).
 
 Refusal (`check_special_token_map`): a response id whose token differs and that the map leaves out is
 refused, naming both tokens, both ids and `SPECIAL_TOKEN_MAP_KEY`. Prompt ids that differ are reported,
@@ -324,12 +324,6 @@ def teacher_to_student_ids(ids: torch.Tensor, token_map: SpecialTokenMap) -> Tea
     unread = torch.tensor(sorted(token_map.unread_teacher_ids), dtype=ids.dtype, device=ids.device)
     orphan = torch.isin(ids, unread)
     return TeacherIdsInStudentSpace(ids=mapped.masked_fill(orphan, NO_STUDENT_ID), orphan=orphan)
-
-
-def orphan_mass(teacher_logprobs: torch.Tensor, mapped: TeacherIdsInStudentSpace) -> torch.Tensor:
-    """Per position (the last dimension is the teacher's list), the teacher probability on ids with no
-    student counterpart."""
-    return (teacher_logprobs.exp() * mapped.orphan).sum(-1)
 
 
 # ---- the teacher's whole distribution in the student's id space, a block of rows at a time -------------

@@ -415,9 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         for teacher in teachers:
             if teacher == "server" and "teacher=fsdp" in recipe.read_text():
                 continue  # a colocated-teacher recipe runs once, with its own teacher
-            name = recipe.stem + ("-fsdp" if teacher == "fsdp" else "")
-            out_dir = (args.out or REPO / "outputs" / "recipe-cpu" / name).resolve()
-            out_dir.mkdir(parents=True, exist_ok=True)
+            out_dir = run_folder(args.out, recipe.stem + ("-fsdp" if teacher == "fsdp" else ""))
             print(f"[recipe-cpu] {recipe.name}, {teacher} teacher -> {out_dir}", flush=True)
             try:
                 summary = run_recipe(
@@ -437,10 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(succeeded(s) for s in summaries) else 1
 
 
+def run_folder(out: Path | None, name: str) -> Path:
+    """One run's output folder, made: ``out`` when given, else ``outputs/recipe-cpu/<name>``."""
+    folder = (out or REPO / "outputs" / "recipe-cpu" / name).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _verl_opd_after(recipe: Path, ta_opd: dict, args) -> dict:
     """verl's own OPD right after the TA-OPD run ``ta_opd`` of the same recipe; prints the step times."""
-    out_dir = (REPO / "outputs" / "recipe-cpu" / f"{recipe.stem}-verl-opd").resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = run_folder(None, f"{recipe.stem}-verl-opd")
     print(f"[recipe-cpu] {recipe.name}, verl's own OPD -> {out_dir}", flush=True)
     summary = run_verl_opd(recipe.resolve(), args.steps, out_dir, args.shapes_dir or default_root())
     mine, theirs = ta_opd["seconds_per_step"], summary["seconds_per_step"]
