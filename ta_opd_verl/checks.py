@@ -8,6 +8,7 @@ teacher refuses, that teacher says (`ta_opd_verl.teachers`).
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -23,8 +24,16 @@ from transformers import AutoTokenizer
 from ta_opd_verl.config import TAOPDConfigError, TAOPDDistillationLossConfig
 from ta_opd_verl.plugin_loading import require_plugin
 from ta_opd_verl.special_tokens import SPECIAL_TOKEN_MAP_KEY, SpecialTokenMap, SpecialTokenMismatchError
+from ta_opd_verl.teacher_prompts import (
+    TEACHER_PROMPT_KEY,
+    TeacherPromptError,
+    TeacherPrompts,
+    chat_messages,
+    teacher_tokenizer,
+)
 from ta_opd_verl.teachers import resolve_teacher
 from ta_opd_verl.teachers.base import STUDENT_PATH_KEY
+from ta_opd_verl.verl_fence.agent_loop import AGENT_LOOP_MANAGER, AGENT_LOOP_MANAGER_KEY
 from ta_opd_verl.verl_fence.config import omega_conf_to_dataclass
 from ta_opd_verl.vocab import (
     PairCheck,
@@ -147,10 +156,12 @@ def checked_pairs(config: DictConfig) -> dict[str, tuple[str, PairCheck]]:
 
 
 def check_model_paths(config: DictConfig) -> list[str]:
-    """`checked_pairs`, returning what the user should be told once: each teacher's derived map, and prompt
-    tokens the teacher reads as other tokens."""
+    """`checked_pairs` and `check_teacher_prompts`, returning what the user should be told once: each
+    teacher's derived map, and prompt tokens the teacher reads as other tokens."""
     notes = []
-    for key, (_, pair) in checked_pairs(config).items():
+    pairs = checked_pairs(config)
+    check_teacher_prompts(config, pairs)
+    for key, (_, pair) in pairs.items():
         if pair.token_map is not None:
             notes += [f"{key}: {line}" for line in pair.summary()]
     return notes
@@ -201,21 +212,89 @@ def check_data_files(config: DictConfig) -> list[str]:
     return notes
 
 
-def _prompts(key: str, path: str, prompt_key: str) -> list:
+def _prompts(key: str, path: str, column: str, column_key: str = "data.prompt_key", hint: str = "") -> list:
+    """The values of ``column`` (named by the config key ``column_key``) in the parquet file ``path``."""
     if not Path(path).is_file():
         raise TAOPDConfigError(f"{key}: {path!r} does not exist; a parquet file is accepted")
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as error:
         raise TAOPDConfigError(f"{key}: {path} is not a readable parquet file ({error})") from None
-    if prompt_key not in table.column_names:
+    if column not in table.column_names:
         raise TAOPDConfigError(
-            f"{key}: {path} has no column {prompt_key!r} (data.prompt_key); its columns: "
-            f"{', '.join(table.column_names)}"
+            f"{key}: {path} has no column {column!r} ({column_key}); its columns: "
+            f"{', '.join(table.column_names)}{hint}"
         )
     if table.num_rows == 0:
         raise TAOPDConfigError(f"{key}: {path} has no rows")
-    return table.column(prompt_key).to_pylist()
+    return table.column(column).to_pylist()
+
+
+def check_teacher_prompts(config: DictConfig, pairs: dict[str, tuple[str, PairCheck]]) -> None:
+    """A teacher-side prompt (`ta_opd_verl.teacher_prompts`) can be built for every sample: each teacher's
+    tokenizer has a chat template, and with ``teacher_prompt=column`` every training file has the column,
+    holding chat messages in every row. With the server teacher, a teacher reading its own prompt or through
+    a special-token map needs TA-OPD's agent loop manager, which a user's own manager would replace."""
+    prompts = TeacherPrompts.from_config(config)
+    manager = _select(config, AGENT_LOOP_MANAGER_KEY)
+    sends_own_requests = prompts is not None or special_token_maps_to_apply(pairs)
+    if (
+        resolve_teacher(config).name == "server"
+        and sends_own_requests
+        and manager not in (None, AGENT_LOOP_MANAGER)
+    ):
+        raise TAOPDConfigError(
+            f"{AGENT_LOOP_MANAGER_KEY}={manager!r}: with {TEACHER_PROMPT_KEY}!=student or a special-token "
+            f"map, TA-OPD's agent loop manager ({AGENT_LOOP_MANAGER}) sends the server teacher its own "
+            "sequence; accepted: null"
+        )
+    if prompts is None:
+        return
+    for key, (path, _) in pairs.items():
+        if not teacher_tokenizer(path).chat_template:
+            raise TAOPDConfigError(
+                f"{TEACHER_PROMPT_KEY}={prompts.mode}: the teacher {key}={path} has no chat template to "
+                "render its prompt with; accepted: student (the student's prompt ids), or a teacher folder "
+                "whose tokenizer_config.json has a chat_template"
+            )
+    conversations = []
+    for path in _data_files(config, "data.train_files"):
+        if prompts.mode == "column":
+            column, column_key = prompts.column, f"{TEACHER_PROMPT_KEY}_column"
+            hint = "; `ta-opd prepare-data --teacher-prompt ...` writes it"
+        else:
+            column, column_key, hint = _select(config, "data.prompt_key", "prompt"), "data.prompt_key", ""
+        for row, value in enumerate(_prompts("data.train_files", path, column, column_key, hint)):
+            try:
+                conversations.append(chat_messages(value, column))
+            except TeacherPromptError as error:
+                raise TAOPDConfigError(f"data.train_files: {path}, row {row}: {error}") from None
+    response_length = _select(config, "data.max_response_length", 1024)
+    for key, (path, _) in pairs.items():
+        limit, limit_key = _teacher_context(key, path, config)
+        longest = max(len(prompts.prompt_ids(path, messages)) for messages in conversations)
+        needed = longest + response_length + 1
+        if needed > limit:
+            raise TAOPDConfigError(
+                f"{TEACHER_PROMPT_KEY}={prompts.mode}: the longest teacher prompt of data.train_files has "
+                f"{longest} tokens in the template of {key}={path}; with data.max_response_length="
+                f"{response_length} and the one token a teacher server generates it needs {needed} > "
+                f"{limit_key}={limit}; accepted: shorter teacher prompts or a larger context"
+            )
+
+
+def _teacher_context(key: str, path: str, config: DictConfig) -> tuple[int, str]:
+    """The context a teacher scores in, and what sets it: a teacher server's ``inference.max_model_len``
+    when given, else (as verl's vLLM server defaults it) the model's ``max_position_embeddings``."""
+    if key.endswith(".model_path"):
+        inference_key = key.removesuffix(".model_path") + ".inference.max_model_len"
+        configured = _select(config, inference_key)
+        if configured:
+            return int(configured), inference_key
+    positions = json.loads((Path(path) / "config.json").read_text()).get(
+        "max_position_embeddings", sys.maxsize
+    )
+    return int(positions), f"{path}/config.json max_position_embeddings"
 
 
 def _prompt_length(tokenizer, messages, template_kwargs: dict) -> int:

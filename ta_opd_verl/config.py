@@ -50,6 +50,7 @@ TA_OPD_KEY = f"{KEY_PREFIX}.ta_opd"
 COMPATIBILITY_MODES = ("exact", "lower_bound")
 TEACHERS = ("server", "fsdp")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+TEACHER_PROMPTS = ("student", "teacher_template", "column")
 LOSSES = ("pg_k1", "reverse_kl_topk", "reverse_kl_topk_tail", "reverse_kl_full")
 # The losses whose per-position value the update's forward computes from the student's full logits (verl's
 # logits processor, `ta_opd_verl.loss`); pg_k1 needs only the log-probs.
@@ -229,6 +230,17 @@ class TAOPDConfig(BaseConfig):
         `none`, or an explicit mapping `{student_id: teacher_id}`. Pairs whose tokens agree (the Qwen3
         pairs) need none. The pre-flight check refuses a pair whose differing response tokens the map
         leaves out; both teachers apply a map with entries. See `ta_opd_verl.special_tokens`.
+    teacher_prompt (str):
+        The prompt the teacher scores the student's response after: `student` (default: the student's own
+        prompt ids), `teacher_template` (the same conversation, the dataset's chat messages, rendered with
+        the TEACHER's tokenizer and chat template) or `column` (per sample, the chat messages of the
+        dataset column `teacher_prompt_column`, rendered with the teacher's template: a system prompt, a
+        hint or the reference solution only the teacher sees). The response is the student's, position
+        for position; every per-position quantity stays aligned to the student's response. See
+        `ta_opd_verl.teacher_prompts`.
+    teacher_prompt_column (str):
+        With `teacher_prompt=column`: the training parquet's column holding each sample's teacher-side
+        chat messages (`ta-opd prepare-data --teacher-prompt ...` writes it). Default `teacher_prompt`.
     """
 
     selector: str = "teachability"
@@ -261,6 +273,8 @@ class TAOPDConfig(BaseConfig):
     selection_dump_dir: str | None = None
     # `auto`, `none` or a mapping; OmegaConf's typed merge accepts no union of a string and a container.
     special_token_map: Any = "auto"
+    teacher_prompt: str = "student"
+    teacher_prompt_column: str = "teacher_prompt"
 
     def __post_init__(self):
         self._resolve_preset()
@@ -271,6 +285,7 @@ class TAOPDConfig(BaseConfig):
             ("compatibility", COMPATIBILITY_MODES),
             ("teacher", TEACHERS),
             ("teacher_dtype", TEACHER_DTYPES),
+            ("teacher_prompt", TEACHER_PROMPTS),
             ("entropy_mode", ENTROPY_MODES),
             ("min_keep_score", MIN_KEEP_SCORES),
             ("no_spread", NO_SPREAD_RULES),
@@ -314,6 +329,8 @@ class TAOPDConfig(BaseConfig):
         special_token_map_problem = special_token_map_error(self.special_token_map)
         if special_token_map_problem is not None:
             _reject("special_token_map", special_token_map_problem, self.special_token_map)
+        if not (isinstance(self.teacher_prompt_column, str) and self.teacher_prompt_column):
+            _reject("teacher_prompt_column", "a parquet column name", self.teacher_prompt_column)
         if self.teacher == "fsdp" and not (isinstance(self.teacher_path, str) and self.teacher_path):
             _reject("teacher_path", "the teacher's Hugging Face folder with teacher=fsdp", self.teacher_path)
         if self.teacher == "server" and self.teacher_path is not None:

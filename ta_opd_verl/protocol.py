@@ -34,6 +34,9 @@ LOWER_BOUND_COMPATIBILITY_FIELD = "ta_opd_lower_bound_compatibility"
 # Per-token field of the colocated teacher's scoring forward with a special-token map: the teacher's
 # probability on ids with no student counterpart (`ta_opd_verl.special_tokens`).
 TEACHER_ORPHAN_MASS_FIELD = "ta_opd_teacher_orphan_mass"
+# Per-sample field the driver stores for the colocated teacher with a teacher-side prompt
+# (`ta_opd_verl.teacher_prompts`): the teacher's prompt ids, in the teacher's ids.
+TEACHER_PROMPT_IDS_FIELD = "ta_opd_teacher_prompt_ids"
 # Per-token field of the update's forward with a reverse-KL loss (`ta_opd_verl.config.LOGITS_LOSSES`).
 REVERSE_KL_FIELD = "ta_opd_reverse_kl"
 

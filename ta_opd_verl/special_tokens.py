@@ -31,7 +31,8 @@ differing teacher id that no student id maps to has no student counterpart (R1's
 
 Refusal (`check_special_token_map`): a response id whose token differs and that the map leaves out is
 refused, naming both tokens, both ids and `SPECIAL_TOKEN_MAP_KEY`. Prompt ids that differ are reported,
-not refused: a map cannot fix a prompt, the teacher-side prompt will (issue 19).
+not refused: a map cannot fix a prompt; the teacher's own prompt does (``ta_opd.teacher_prompt``,
+`ta_opd_verl.teacher_prompts`).
 
 How the teachers apply it (a map with entries only; ``none``, an empty map or a pair with no differing id
 changes nothing and costs nothing). The teacher reads the whole sequence, prompt included, through
@@ -247,7 +248,8 @@ def check_special_token_map(
         raise SpecialTokenMismatchError("; ".join(_refusal(student, teacher, i) for i in uncovered))
     return [
         f"the student's prompt token {student.added[i]!r} (id {i}) is {_token(teacher, i)} to the teacher, "
-        "which scores the student's prompt as is (a teacher-side prompt is not built yet)"
+        "which scores the student's prompt as is unless distillation.distillation_loss.ta_opd.teacher_prompt="
+        "teacher_template renders the prompt in the teacher's own chat template"
         for i in sorted(student.prompt_ids & differing)
     ]
 

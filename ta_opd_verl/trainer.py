@@ -28,7 +28,12 @@ from ta_opd_verl.batch_selection import (
     stable_sample_ids,
     write_selection_dump,
 )
-from ta_opd_verl.checks import check_ta_opd_config, checked_pairs, special_token_maps_to_apply
+from ta_opd_verl.checks import (
+    check_ta_opd_config,
+    check_teacher_prompts,
+    checked_pairs,
+    special_token_maps_to_apply,
+)
 from ta_opd_verl.config import LOGITS_LOSSES
 from ta_opd_verl.loss import TAOPDLossFunction
 from ta_opd_verl.protocol import (
@@ -47,6 +52,7 @@ from ta_opd_verl.protocol import (
     split_teacher_entries,
 )
 from ta_opd_verl.teachability import TokenStatistics
+from ta_opd_verl.teacher_prompts import TeacherPrompts
 from ta_opd_verl.teachers import resolve_teacher
 from ta_opd_verl.teachers.base import STUDENT_PATH_KEY
 from ta_opd_verl.verl_fence.trainer import (
@@ -80,8 +86,10 @@ class TAOPDTrainer(PPOTrainerSync):
         check_ta_opd_config(config)
         # The Hydra callback checks the model folders too; runs that compose their config without it do not.
         pairs = checked_pairs(config)
+        check_teacher_prompts(config, pairs)
         self.teacher = resolve_teacher(config)
         self.teacher.use_special_token_maps(special_token_maps_to_apply(pairs))
+        self.teacher.use_teacher_prompts(TeacherPrompts.from_config(config))
         self.teacher.prepare_config(config)
         super().__init__(config)
         behave_as_sync(self)
@@ -103,6 +111,7 @@ class TAOPDTrainer(PPOTrainerSync):
 
     # ---- 1. scoring inside the old-log-prob forward --------------------------------------------------
     def _compute_old_log_prob(self, batch, metrics):
+        batch = self.teacher.before_scoring(batch)
         score_forward(self, batch, {PHASE_KEY: SCORE_PHASE})
         score_fields = self._score_fields()
         batch, data = store_old_log_probs(self, batch, score_fields)
@@ -154,6 +163,7 @@ class TAOPDTrainer(PPOTrainerSync):
         sample_ids = stable_sample_ids(rollout_ids(batch), prompts)
         teacher_sampled = self._teacher_sampled_logprobs(data, valid, metrics)
         self._special_token_metrics(data, valid, metrics)
+        self._teacher_prompt_metrics(batch, data["prompts"], metrics)
         settings = self.ta_opd
         selection = {
             "selector": settings.selector,
@@ -218,6 +228,17 @@ class TAOPDTrainer(PPOTrainerSync):
         if TEACHER_ORPHAN_MASS_FIELD in data.keys():
             orphan_mass = padded(data[TEACHER_ORPHAN_MASS_FIELD], 0.0).double()
             metrics[METRIC_PREFIX + "teacher_orphan_mass"] = float(orphan_mass[valid].mean())
+
+    def _teacher_prompt_metrics(self, batch, student_prompts, metrics: dict) -> None:
+        """With a teacher-side prompt: the mean prompt length, in tokens, the teacher read and the student's,
+        over the real samples."""
+        lengths = self.teacher.teacher_prompt_lengths(batch)
+        if lengths is None:
+            return
+        real = not_padding_rows(batch)
+        metrics[METRIC_PREFIX + "teacher_prompt_length_mean"] = float(lengths[real].double().mean())
+        student = student_prompts.offsets().diff()
+        metrics[METRIC_PREFIX + "student_prompt_length_mean"] = float(student[real].double().mean())
 
 
 def teacher_rows_bytes_per_token(teacher_ids, teacher_logprobs) -> float:

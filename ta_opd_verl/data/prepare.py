@@ -4,6 +4,8 @@
     ta-opd prepare-data gsm8k --source ~/downloads/gsm8k --out ~/data/ta-opd/gsm8k
     ta-opd prepare-data gsm8k --download --out ~/data/ta-opd/gsm8k      # needs network access
     ta-opd prepare-data dapo-math --generate 2000 --out data/dapo-math    # offline: generated problems
+    ta-opd prepare-data gsm8k --source ~/downloads/gsm8k --out ~/data/ta-opd/gsm8k-privileged \
+        --teacher-prompt reference-solution --teacher-system-prompt "You are a careful math teacher."
 
 ``--source`` reads what a user downloaded: a ``.parquet`` or JSON Lines (``.jsonl``/``.json``) file, or a
 folder holding them (a dataset snapshot: GSM8K's ``main/train-*.parquet`` and ``main/test-*.parquet``,
@@ -31,6 +33,26 @@ not score as correct, is dropped and counted.
 
 DAPO-Math-17k's published file repeats its prompts; rows are de-duplicated by prompt text (first kept)
 unless ``--keep-duplicates``. A seeded held-out slice of ``--val-size`` prompts becomes ``val.parquet``.
+
+Teacher-side prompts (privileged context only the teacher sees: on-policy self-distillation, context
+distillation). With ``--teacher-prompt reference-solution`` and/or ``--teacher-system-prompt TEXT`` every
+written row (every split) gets one more column, ``teacher_prompt`` (``--teacher-prompt-column NAME`` names
+it otherwise; it must match ``distillation.distillation_loss.ta_opd.teacher_prompt_column``): chat messages
+for the teacher, a system message holding TEXT when given, then the row's user message. With
+``reference-solution`` that message's content (the student's, unchanged) is followed by the row's reference
+answer, the same one checked above (GSM8K: the dataset's worked solution, ending in ``#### <number>``;
+DAPO-Math: ``Answer: <ground truth>``), in `REFERENCE_SOLUTION_BLOCK`::
+
+    <the student's prompt>
+
+    A reference solution follows; use it to check your reasoning, but do not mention it.
+    <reference_solution>
+    <the solution>
+    </reference_solution>
+
+The student's ``prompt`` column is unchanged. Train with
+``distillation.distillation_loss.ta_opd.teacher_prompt=column`` (the teacher renders the column with its
+own chat template; ``ta_opd_verl.teacher_prompts``). Without these options the files are as before.
 """
 
 from __future__ import annotations
@@ -57,10 +79,18 @@ DATA_FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
 DEFAULT_DAPO_VAL_SIZE = 512
+# `ta_opd_verl.config.TAOPDConfig.teacher_prompt_column`'s default (not imported: the config loads verl).
+DEFAULT_TEACHER_PROMPT_COLUMN = "teacher_prompt"
+REFERENCE_SOLUTION = "reference-solution"
+TEACHER_PROMPT_SOURCES = (REFERENCE_SOLUTION,)
+REFERENCE_SOLUTION_BLOCK = (
+    "\n\nA reference solution follows; use it to check your reasoning, but do not mention it.\n"
+    "<reference_solution>\n{solution}\n</reference_solution>"
+)
 
 
 class DataPrepError(ValueError):
-    """The source cannot be read or does not have the dataset's columns."""
+    """The source cannot be read or does not have the dataset's columns, or a teacher-prompt option is bad."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +162,45 @@ def download_records(spec: DatasetSpec, split: str) -> Iterator[dict]:
     import datasets
 
     yield from datasets.load_dataset(spec.hub_id, spec.hub_config, split=split)
+
+
+@dataclass(frozen=True)
+class TeacherPromptColumn:
+    """The teacher-side chat messages written as column ``column`` beside the student's ``prompt``: a
+    system message with ``system_prompt`` (when given), then the row's user message, followed with
+    ``reference_solution`` by its reference answer in `REFERENCE_SOLUTION_BLOCK`."""
+
+    column: str = DEFAULT_TEACHER_PROMPT_COLUMN
+    system_prompt: str | None = None
+    reference_solution: bool = False
+
+    def __post_init__(self):
+        if not self.column or self.column in COLUMNS:
+            raise DataPrepError(
+                f"--teacher-prompt-column {self.column!r}: a new column name is accepted, not empty nor one "
+                f"of {', '.join(COLUMNS)} (default {DEFAULT_TEACHER_PROMPT_COLUMN})"
+            )
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            raise DataPrepError("--teacher-system-prompt: an empty text; give the system message's text")
+        if self.system_prompt is None and not self.reference_solution:
+            raise DataPrepError(
+                "the teacher prompt would be the student's: give --teacher-prompt reference-solution "
+                "and/or --teacher-system-prompt TEXT"
+            )
+
+    def messages(self, row: dict, reference: str) -> list[dict]:
+        """The teacher's chat messages for ``row`` (whose reference answer is ``reference``)."""
+        (user,) = row["prompt"]
+        content = user["content"]
+        if self.reference_solution:
+            content += REFERENCE_SOLUTION_BLOCK.format(solution=reference)
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        return [*system, {"role": "user", "content": content}]
+
+    def add_to(self, rows: list[dict], references: list[str]) -> None:
+        """Give each row its teacher messages, built from its own reference answer."""
+        for row, reference in zip(rows, references, strict=True):
+            row[self.column] = self.messages(row, reference)
 
 
 def _row(data_source: str, content: str, ground_truth: str, split: str, index: int, source_id: str) -> dict:
@@ -230,10 +299,10 @@ def hold_out(rows: list[dict], size: int, seed: int) -> tuple[list[dict], list[d
     return train, val
 
 
-def write_rows(path: str | os.PathLike, rows: list[dict]) -> Path:
+def write_rows(path: str | os.PathLike, rows: list[dict], extra_columns: tuple[str, ...] = ()) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=list(COLUMNS)).to_parquet(path, index=False)
+    pd.DataFrame(rows, columns=[*COLUMNS, *extra_columns]).to_parquet(path, index=False)
     return path
 
 
@@ -245,12 +314,20 @@ def prepare(
     val_size: int = DEFAULT_DAPO_VAL_SIZE,
     seed: int = 0,
     deduplicate: bool = True,
+    teacher_prompt: TeacherPromptColumn | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """Write ``name``'s verl parquet files into ``out_dir`` from ``source`` (None: download); returns
-    {split: path}. DAPO-Math gives train (and val when ``val_size`` > 0), GSM8K train and test."""
+    {split: path}. DAPO-Math gives train (and val when ``val_size`` > 0), GSM8K train and test; with
+    ``teacher_prompt`` every row also has the teacher's chat messages in its column."""
     spec = DATASETS[name]
     out_dir = Path(out_dir).expanduser()
+    extra_columns = (teacher_prompt.column,) if teacher_prompt else ()
+
+    def with_teacher_prompts(rows: list[dict], references: list[str]) -> list[dict]:
+        if teacher_prompt:
+            teacher_prompt.add_to(rows, references)
+        return rows
 
     def records(split: str) -> Iterator[dict]:
         if source is None:
@@ -261,19 +338,21 @@ def prepare(
     written: dict[str, Path] = {}
     if name == "dapo-math":
         rows, duplicates = dapo_rows(records("train"), deduplicate=deduplicate)
-        rows, unscorable = keep_scorable(rows, [reference_answer(row) for row in rows])
+        references = [reference_answer(row) for row in rows]
+        rows, unscorable = keep_scorable(with_teacher_prompts(rows, references), references)
         log(f"dapo-math: {len(rows)} prompts ({duplicates} duplicates and {unscorable} unscorable dropped)")
         parts = dict(zip(("train", "val"), hold_out(rows, val_size, seed), strict=True))
         for split, part in parts.items():
             if part:
-                written[split] = write_rows(out_dir / f"{split}.parquet", part)
+                written[split] = write_rows(out_dir / f"{split}.parquet", part, extra_columns)
     else:
         for split, stem in spec.splits.items():
             source_records = list(records(split))
-            rows = gsm8k_rows(source_records, split)
-            rows, unscorable = keep_scorable(rows, [record["answer"] for record in source_records])
+            references = [record["answer"] for record in source_records]
+            rows = with_teacher_prompts(gsm8k_rows(source_records, split), references)
+            rows, unscorable = keep_scorable(rows, references)
             log(f"gsm8k {split}: {len(rows)} problems ({unscorable} unscorable dropped)")
-            written[split] = write_rows(out_dir / f"{stem}.parquet", rows)
+            written[split] = write_rows(out_dir / f"{stem}.parquet", rows, extra_columns)
     for split, path in written.items():
         log(f"  {split}: {path}")
     return written
@@ -305,7 +384,35 @@ def main(argv: list[str] | None = None) -> int:
         help="dapo-math: seed of the held-out draw; --generate: of the problems",
     )
     parser.add_argument("--keep-duplicates", action="store_true", help="dapo-math: keep repeated prompts")
+    teacher = parser.add_argument_group(
+        "teacher-side prompts",
+        "a column of chat messages only the teacher sees (train with "
+        "distillation.distillation_loss.ta_opd.teacher_prompt=column)",
+    )
+    teacher.add_argument(
+        "--teacher-prompt",
+        choices=TEACHER_PROMPT_SOURCES,
+        help="append each row's reference solution (gsm8k: the worked solution; dapo-math: 'Answer: <ground "
+        "truth>') to the teacher's copy of the user message",
+    )
+    teacher.add_argument("--teacher-system-prompt", metavar="TEXT", help="a system message for the teacher")
+    teacher.add_argument(
+        "--teacher-prompt-column",
+        metavar="NAME",
+        help=f"the column's name (default {DEFAULT_TEACHER_PROMPT_COLUMN}; "
+        "= distillation.distillation_loss.ta_opd.teacher_prompt_column)",
+    )
     args = parser.parse_args(argv)
+    teacher_prompt, column = None, args.teacher_prompt_column
+    if args.teacher_prompt or args.teacher_system_prompt is not None or column is not None:
+        try:
+            teacher_prompt = TeacherPromptColumn(
+                column=DEFAULT_TEACHER_PROMPT_COLUMN if column is None else column,
+                system_prompt=args.teacher_system_prompt,
+                reference_solution=args.teacher_prompt == REFERENCE_SOLUTION,
+            )
+        except DataPrepError as error:
+            parser.error(str(error))
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -324,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             val_size=args.val_size,
             seed=args.seed,
             deduplicate=not args.keep_duplicates,
+            teacher_prompt=teacher_prompt,
         )
     except DataPrepError as error:
         print(f"ta-opd prepare-data: {error}", file=sys.stderr)

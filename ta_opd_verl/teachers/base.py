@@ -8,13 +8,16 @@ A teacher is chosen once (`ta_opd_verl.teachers.resolve_teacher`) and asked, at 
 - in the actor's workers, inside the scoring forward: the per-token outputs of one micro-batch
   (`score_micro_batch`), given the student's logits; inside the update's forward with
   ``loss=reverse_kl_full``: the full-vocabulary reverse KL at the selected positions (`reverse_kl_full`);
-- in the driver after the scoring forward: what to store for the selection and the update
+- in the driver before the scoring forward: what its workers read beyond verl's fields (`before_scoring`);
+  after it: what to store for the selection and the update
   (`after_scoring`, `score_fields`) and which fields the update must not receive (`update_leaves_out`).
 
 Instances hold no model: they are pickled to every worker inside the loss callable. They carry the
 special-token maps to apply (`use_special_token_maps`), derived once in the driver by the pre-flight check
 that loads both tokenizers anyway (`ta_opd_verl.checks.checked_pairs`): plain dictionaries of ints that
-travel with the instance, so no worker or server loads a tokenizer for them.
+travel with the instance, so no worker or server loads a tokenizer for them. Likewise the teacher-side
+prompts (`use_teacher_prompts`, `ta_opd_verl.teacher_prompts`), which the one process that renders them
+(the driver for the colocated teacher, verl's agent loop for servers) renders with the teacher's tokenizer.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from omegaconf import DictConfig
 from ta_opd_verl.protocol import COMPATIBILITY_FIELD, DISAGREEMENT_FIELD, TOPK_ENTROPY_FIELD
 from ta_opd_verl.special_tokens import SpecialTokenMap
 from ta_opd_verl.teachability import TokenStatistics
+from ta_opd_verl.teacher_prompts import TeacherPrompts
 
 TA_OPD_KEY = "distillation.distillation_loss.ta_opd"
 TEACHER_KEY = f"{TA_OPD_KEY}.teacher"
@@ -44,6 +48,8 @@ class Teacher(ABC):
     def __init__(self):
         # Teacher model folder (as configured) -> the special-token map its scoring applies.
         self.special_token_maps: dict[str, SpecialTokenMap] = {}
+        # How the teacher's own prompt is built (``ta_opd.teacher_prompt``); None: the student's prompt ids.
+        self.teacher_prompts: TeacherPrompts | None = None
 
     @classmethod
     def from_config(cls, config: DictConfig) -> Teacher:
@@ -54,6 +60,11 @@ class Teacher(ABC):
         """Apply these maps (teacher model folder -> map, each with entries; a folder left out is scored on
         the student's ids as they are): set in the driver before the instance is sent anywhere."""
         self.special_token_maps = dict(maps)
+
+    def use_teacher_prompts(self, prompts: TeacherPrompts | None) -> None:
+        """Score the student's responses after these teacher-side prompts (None: the student's prompt ids):
+        set in the driver, like the maps."""
+        self.teacher_prompts = prompts
 
     # ---- before Ray starts -----------------------------------------------------------------------------
     @abstractmethod
@@ -82,9 +93,17 @@ class Teacher(ABC):
         """Per-token fields the scoring forward returns beyond D, C and the top-k entropy."""
         return []
 
+    def before_scoring(self, batch):
+        """Store what the scoring forward's workers read beyond verl's fields; returns the batch meta."""
+        return batch
+
     def after_scoring(self, batch, topk: int):
         """Store what the selection and the update read; returns the batch meta."""
         return batch
+
+    def teacher_prompt_lengths(self, batch) -> torch.Tensor | None:
+        """Per row of ``batch``, the length of the prompt the teacher read, with a teacher-side prompt."""
+        return None
 
     def update_leaves_out(self, topk: int) -> list[str]:
         """Fields of the batch the update must not receive."""

@@ -21,6 +21,11 @@ the rows and the reverse KL are all in the student's ids. The scoring forward th
 teacher's mass on ids the student cannot place (`TEACHER_ORPHAN_MASS_FIELD`), and the sampled token's
 teacher log-prob is the one at the id the teacher read.
 
+With a teacher-side prompt (`ta_opd_verl.teacher_prompts`) the driver renders each sample's teacher prompt
+with the teacher's tokenizer before the scoring forward (`before_scoring`); the workers run the teacher on
+its prompt followed by the student's response and take its hidden states back into the student's packed
+order (`teacher_sequences`), so every row after this is lined up with the student's positions.
+
 The teacher runs at temperature 1.0, like verl's teacher servers (which force 1.0 for prompt log-probs):
 its logits are never divided by the rollout temperature, while the student's arrive already divided. It is
 given the student's input the way verl's engine gave it to the student (packed with ``position_ids``, or
@@ -49,6 +54,7 @@ from ta_opd_verl.protocol import (
     TEACHER_IDS_FIELD,
     TEACHER_LOGPROBS_FIELD,
     TEACHER_ORPHAN_MASS_FIELD,
+    TEACHER_PROMPT_IDS_FIELD,
     stack_teacher_rows,
     teacher_entry_fields,
     teacher_entry_outputs,
@@ -61,6 +67,7 @@ from ta_opd_verl.special_tokens import (
 )
 from ta_opd_verl.teachability import DEFAULT_PROB_FLOOR, teacher_entries, token_statistics
 from ta_opd_verl.teacher_head import LogProbBlocks, head_log_prob_blocks, rows_per_block
+from ta_opd_verl.teacher_prompts import teacher_positions
 from ta_opd_verl.teachers.base import (
     TEACHER_KEY,
     TEACHER_PATH_KEY,
@@ -69,7 +76,7 @@ from ta_opd_verl.teachers.base import (
     statistics_outputs,
 )
 from ta_opd_verl.verl_fence.config import disable_verl_teacher
-from ta_opd_verl.verl_fence.transfer_queue import read_fields, write_fields
+from ta_opd_verl.verl_fence.transfer_queue import read_fields, read_per_sample, write_fields
 from ta_opd_verl.verl_fence.worker import (
     build_attention_mask_from_nested,
     non_tensor,
@@ -94,15 +101,18 @@ class ColocatedFSDPTeacher(Teacher):
     name = "fsdp"
     colocated = True
 
-    def __init__(self, attn_implementation: str | None = None):
+    def __init__(self, attn_implementation: str | None = None, teacher_path: str | None = None):
         super().__init__()
         # The student's attention kernel, which the teacher uses too.
         self.attn_implementation = attn_implementation
+        # The teacher's folder, whose tokenizer renders a teacher-side prompt in the driver.
+        self.teacher_path = teacher_path
 
     @classmethod
     def from_config(cls, config: DictConfig) -> ColocatedFSDPTeacher:
         override = OmegaConf.select(config, "actor_rollout_ref.model.override_config", default=None) or {}
-        return cls(override.get("attn_implementation", _VERL_DEFAULT_ATTENTION))
+        attention = override.get("attn_implementation", _VERL_DEFAULT_ATTENTION)
+        return cls(attention, OmegaConf.select(config, TEACHER_PATH_KEY))
 
     def model_paths(self, config: DictConfig) -> dict[str, str | None]:
         return {TEACHER_PATH_KEY: OmegaConf.select(config, TEACHER_PATH_KEY)}
@@ -138,6 +148,27 @@ class ColocatedFSDPTeacher(Teacher):
 
     def _special_token_map(self, settings) -> SpecialTokenMap | None:
         return self.special_token_maps.get(settings.teacher_path)
+
+    def before_scoring(self, batch):
+        """With a teacher-side prompt: each sample's teacher prompt ids (`TEACHER_PROMPT_IDS_FIELD`), rendered
+        here, in the driver, with the teacher's tokenizer."""
+        prompts = self.teacher_prompts
+        if prompts is None:
+            return batch
+        samples = read_per_sample(batch, prompts.source_field)
+        ids = [
+            torch.tensor(
+                prompts.prompt_ids(self.teacher_path, prompts.messages({prompts.source_field: sample}))
+            )
+            for sample in samples
+        ]
+        nested = torch.nested.as_nested_tensor(ids, layout=torch.jagged)
+        return write_fields(batch, {TEACHER_PROMPT_IDS_FIELD: nested})
+
+    def teacher_prompt_lengths(self, batch) -> torch.Tensor | None:
+        if self.teacher_prompts is None:
+            return None
+        return read_fields(batch, [TEACHER_PROMPT_IDS_FIELD])[TEACHER_PROMPT_IDS_FIELD].offsets().diff()
 
     def after_scoring(self, batch, topk: int):
         """The per-token teacher fields as ``teacher_ids`` / ``teacher_logprobs`` over the whole sequence
@@ -287,21 +318,18 @@ class LoadedTeacher:
         use: Callable[[torch.Tensor, torch.nn.Linear], Result],
         token_map: SpecialTokenMap | None = None,
     ) -> Result:
-        """Run the teacher on a verl micro-batch (its ids read through ``token_map`` when given) and return
-        ``use(hidden, head)``: its final hidden states ``[total_nnz, H]`` in the packed order of the
-        student's logits, and its output layer.
+        """Run the teacher on a verl micro-batch (`teacher_sequences`: its own prompts where the batch has
+        them, the ids read through ``token_map`` when given) and return ``use(hidden, head)``: its final
+        hidden states ``[total_nnz, H]`` in the packed order of the student's logits, and its output layer.
 
         ``use`` runs inside the teacher's forward, where FSDP2 has gathered the output layer; the model's own
         output layer runs on one position per sequence. The forward is in the teacher's own dtype (the
         forward's autocast is switched off)."""
-        input_ids, position_ids = data["input_ids"], data["position_ids"]
-        if token_map is not None:
-            teacher_ids = student_to_teacher_ids(input_ids.values(), token_map)
-            input_ids = torch.nested.nested_tensor_from_jagged(teacher_ids, input_ids.offsets())
-        if position_ids.dim() == 3:
+        if data["position_ids"].dim() == 3:
             raise NotImplementedError(
                 "the fsdp teacher takes text models only (multimodal rope position_ids are not supported)"
             )
+        input_ids, position_ids, rows = teacher_sequences(data, token_map)
         lengths = input_ids.offsets().diff()
         if non_tensor(data, "use_remove_padding", default=True):
             inputs = {
@@ -320,8 +348,10 @@ class LoadedTeacher:
 
         def packed(hidden: torch.Tensor) -> torch.Tensor:
             if inputs["attention_mask"] is None:
-                return hidden[0]
-            return torch.cat([row[:length] for row, length in zip(hidden, lengths.tolist(), strict=True)])
+                hidden = hidden[0]
+            else:
+                hidden = torch.cat([row[:n] for row, n in zip(hidden, lengths.tolist(), strict=True)])
+            return hidden if rows is None else hidden[rows.to(hidden.device)]
 
         result, _ = self._forward(inputs, lambda hidden: use(packed(hidden), self.head))
         return result
@@ -360,6 +390,37 @@ class LoadedTeacher:
                 f"states (largest difference {(ours - logits.float()).abs().max().item():.3g}): the fsdp "
                 "teacher's blocked output layer cannot score this model"
             )
+
+
+def teacher_sequences(data, token_map: SpecialTokenMap | None):
+    """The teacher's input for a verl micro-batch: ``(input_ids, position_ids, rows)``, the first two nested
+    by sequence in the teacher's ids.
+
+    Without teacher prompts it is the student's input (read through ``token_map``) and ``rows`` is None.
+    With `TEACHER_PROMPT_IDS_FIELD` each sequence is the teacher's prompt, then the student's response (its
+    last ``len(response_mask)`` tokens) read through ``token_map``, at positions 0, 1, ...; ``rows`` then
+    indexes the teacher's packed rows into the student's packed order (`teacher_positions`)."""
+    input_ids = data["input_ids"]
+    if TEACHER_PROMPT_IDS_FIELD not in data.keys():
+        if token_map is not None:
+            teacher_ids = student_to_teacher_ids(input_ids.values(), token_map)
+            input_ids = torch.nested.nested_tensor_from_jagged(teacher_ids, input_ids.offsets())
+        return input_ids, data["position_ids"], None
+    sequences, rows, start = [], [], 0
+    response_lengths = data["response_mask"].offsets().diff().tolist()
+    for student, teacher_prompt, response_length in zip(
+        input_ids.unbind(), data[TEACHER_PROMPT_IDS_FIELD].unbind(), response_lengths, strict=True
+    ):
+        prompt_length = len(student) - response_length
+        response = student[prompt_length:]
+        if token_map is not None:
+            response = student_to_teacher_ids(response, token_map)
+        sequences.append(torch.cat([teacher_prompt.to(student), response]))
+        rows.append(start + teacher_positions(prompt_length, len(teacher_prompt), response_length))
+        start += len(sequences[-1])
+    teacher_ids = torch.nested.as_nested_tensor(sequences, layout=torch.jagged)
+    positions = [torch.arange(len(sequence), device=sequence.device) for sequence in sequences]
+    return teacher_ids, torch.nested.as_nested_tensor(positions, layout=torch.jagged), torch.cat(rows)
 
 
 _LOADED: dict[TeacherSpec, LoadedTeacher] = {}

@@ -10,8 +10,10 @@ layout); the student's rollout servers are untouched (`ta_opd_verl.verl_fence.ro
 C is the lower bound (Eq. 17): a server returns only the teacher's own top-K, not its log-probs at the
 student's top-k ids.
 
-With a special-token map (`ta_opd_verl.special_tokens`) the server reads the student's whole sequence
-through it and returns its rows in the student's ids (`StudentSpaceRequests`): a top-K entry with no
+A teacher with a special-token map (`ta_opd_verl.special_tokens`) or a teacher-side prompt
+(`ta_opd_verl.teacher_prompts`) is sent its own sequence by verl's agent loop (`ServerTeacherRequests`,
+through `ta_opd_verl.verl_fence.agent_loop`): its prompt, then the student's response read through the map;
+its rows come back in the student's ids, lined up with the student's sequence. A top-K entry with no
 student counterpart becomes the filler verl's extraction writes for a missing entry (id 0, log-prob -inf),
 which every reader of the rows skips as no entry (`token_statistics`, the top-K losses of
 `ta_opd_verl.opd_loss`, the trainer's ``sampled_outside_teacher_topk``). The teacher's mass on such ids is
@@ -21,6 +23,7 @@ the colocated teacher only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +33,11 @@ from ta_opd_verl.config import TAOPDConfigError
 from ta_opd_verl.protocol import TEACHER_IDS_FIELD, TEACHER_LOGPROBS_FIELD, split_teacher_entries
 from ta_opd_verl.special_tokens import SpecialTokenMap, student_to_teacher_ids, teacher_to_student_ids
 from ta_opd_verl.teachability import token_statistics
+from ta_opd_verl.teacher_prompts import TeacherPrompts, teacher_positions
 from ta_opd_verl.teachers.base import LOSS_KEY, TEACHER_KEY, Teacher, skipped_entropy, statistics_outputs
+from ta_opd_verl.verl_fence.agent_loop import TEACHER_PROMPT_LENGTH_KEY, use_teacher_requests
 from ta_opd_verl.verl_fence.rollout import register_vllm_replica
+from ta_opd_verl.verl_fence.transfer_queue import read_per_sample
 from ta_opd_verl.verl_fence.worker import slice_for_sequence_parallel
 
 TEACHER_MODELS_KEY = "distillation.teacher_models"
@@ -65,30 +71,49 @@ def extract_prompt_logprobs_with_sampled_token(output, num_prompt_logprobs, resu
 
 
 @dataclass(frozen=True)
-class StudentSpaceRequests:
-    """A teacher server's requests through a special-token map (`ta_opd_verl.verl_fence.rollout.RequestMap`):
-    the student's sequence in, rows in the student's ids out."""
+class ServerTeacherRequests:
+    """What verl's agent loop sends one teacher server for a sample and how its rows come back
+    (`ta_opd_verl.verl_fence.agent_loop.TeacherRequests`): the teacher's prompt (the student's prompt ids, or
+    `TeacherPrompts`' rendering), then the student's response, both read through the special-token map; the
+    rows returned in the student's ids, lined up with the student's sequence (`teacher_positions`)."""
 
-    token_map: SpecialTokenMap
+    teacher_path: str
+    token_map: SpecialTokenMap | None = None
+    prompts: TeacherPrompts | None = None
 
-    def teacher_prompt_ids(self, prompt_ids: list[int]) -> list[int]:
-        return student_to_teacher_ids(torch.tensor(prompt_ids), self.token_map).tolist()
+    def _to_teacher(self, ids: list[int]) -> list[int]:
+        if self.token_map is None:
+            return ids
+        return student_to_teacher_ids(torch.tensor(ids, dtype=torch.long), self.token_map).tolist()
 
-    def to_student(self, prompt_ids: list[int], extra_fields: dict) -> None:
-        """The rows of `extract_prompt_logprobs_with_sampled_token` in the student's ids: the top-K ids mapped
-        back, an entry with no student counterpart turned into the missing-entry filler (id 0, -inf); the
-        sampled column the student's own token, with the teacher's log-prob of the id it read."""
-        if "prompt_ids" not in extra_fields:  # an aborted request returns no rows
-            return
-        ids = torch.tensor(extra_fields["prompt_ids"])
-        # float64 holds every Python float of the rows as it is.
-        logprobs = torch.tensor(extra_fields["prompt_logprobs"], dtype=torch.float64)
-        top = teacher_to_student_ids(ids[:-1, :-1], self.token_map)  # the last row is verl's dummy row
-        ids[:-1, :-1] = top.ids.masked_fill(top.orphan, 0)
-        logprobs[:-1, :-1] = logprobs[:-1, :-1].masked_fill(top.orphan, float("-inf"))
-        ids[:-1, -1] = torch.tensor(prompt_ids[1:], dtype=ids.dtype)
-        extra_fields["prompt_ids"] = ids.tolist()
-        extra_fields["prompt_logprobs"] = logprobs.tolist()
+    def teacher_sequence(
+        self, prompt_ids: list[int], response_ids: list[int], sample: Mapping
+    ) -> tuple[list[int], list[int]]:
+        if self.prompts is None:
+            teacher_prompt = self._to_teacher(prompt_ids)
+        else:  # rendered by the teacher's own tokenizer: its ids already
+            teacher_prompt = self.prompts.prompt_ids(self.teacher_path, self.prompts.messages(sample))
+        return teacher_prompt, self._to_teacher(response_ids)
+
+    def student_rows(
+        self,
+        rows: tuple[torch.Tensor, torch.Tensor],
+        prompt_ids: list[int],
+        response_ids: list[int],
+        teacher_prompt_length: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of `extract_prompt_logprobs_with_sampled_token` for the student's sequence: the top-K ids
+        mapped back, an entry with no student counterpart turned into the missing-entry filler (id 0, -inf);
+        the sampled column the student's own next token, with the teacher's log-prob of the id it read."""
+        ids, logprobs = (rows[0].clone(), rows[1].clone())
+        if self.token_map is not None:
+            top = teacher_to_student_ids(ids[:-1, :-1].long(), self.token_map)  # the last row: verl's dummy
+            ids[:-1, :-1] = top.ids.masked_fill(top.orphan, 0).to(ids.dtype)
+            logprobs[:-1, :-1] = logprobs[:-1, :-1].masked_fill(top.orphan, float("-inf"))
+        positions = teacher_positions(len(prompt_ids), teacher_prompt_length, len(response_ids))
+        ids, logprobs = ids[positions], logprobs[positions]
+        ids[:-1, -1] = torch.tensor((prompt_ids + response_ids)[1:], dtype=ids.dtype)
+        return ids, logprobs
 
 
 class ServerTeacher(Teacher):
@@ -127,11 +152,24 @@ class ServerTeacher(Teacher):
             )
 
     def prepare_config(self, config: DictConfig) -> None:
-        """Nothing to change: verl starts its teacher servers from ``distillation.teacher_models``."""
+        """verl starts its teacher servers from ``distillation.teacher_models``. A teacher that reads another
+        prompt or through a special-token map gets its own requests, which verl's agent loop sends it."""
+        requests = {}
+        for path in self.model_paths(config).values():
+            token_map = self.special_token_maps.get(str(path))
+            if token_map is not None or self.teacher_prompts is not None:
+                requests[str(path)] = ServerTeacherRequests(str(path), token_map, self.teacher_prompts)
+        if requests:
+            use_teacher_requests(config, requests)
 
     def install(self) -> None:
-        request_maps = {path: StudentSpaceRequests(m) for path, m in self.special_token_maps.items()}
-        register_vllm_replica(extract_prompt_logprobs_with_sampled_token, request_maps)
+        register_vllm_replica(extract_prompt_logprobs_with_sampled_token)
+
+    def teacher_prompt_lengths(self, batch) -> torch.Tensor | None:
+        if self.teacher_prompts is None:
+            return None
+        extra_fields = read_per_sample(batch, "extra_fields")
+        return torch.tensor([fields[TEACHER_PROMPT_LENGTH_KEY] for fields in extra_fields])
 
     def score_micro_batch(self, loss_fn, student_logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
         """D and C from the teacher rows the server wrote for this micro-batch."""

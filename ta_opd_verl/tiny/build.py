@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ import torch
 from ta_opd_verl.tiny.evaluate import greedy_accuracy
 from ta_opd_verl.tiny.parquet import write_parquet, write_problems_parquet
 from ta_opd_verl.tiny.tasks import TASKS, Problem, generate_problem, generate_problems, number_words
-from ta_opd_verl.tiny.tokenizer import render_chat, train_tokenizer
+from ta_opd_verl.tiny.tokenizer import CHATML, ChatFormat, train_tokenizer
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "ta_opd_tiny_pair"
@@ -226,10 +226,12 @@ def _make_model(shape: ModelShape, tokenizer, seed: int):
     return model
 
 
-def _encode(tokenizer, problems: Sequence[Problem]) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(
+    tokenizer, problems: Sequence[Problem], chat_format: ChatFormat
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids and labels (-100 except response tokens and EOS), as verl concatenates them:
-    chat-template prompt ids, then response ids, then EOS."""
-    prompts = tokenizer([render_chat(p.prompt) for p in problems], add_special_tokens=False).input_ids
+    chat-template prompt ids (``chat_format``), then response ids, then EOS."""
+    prompts = tokenizer([chat_format.render(p.prompt) for p in problems], add_special_tokens=False).input_ids
     responses = tokenizer([p.response for p in problems], add_special_tokens=False).input_ids
     rows = [(pr, rs + [tokenizer.eos_token_id]) for pr, rs in zip(prompts, responses, strict=True)]
     width = max(len(pr) + len(rs) for pr, rs in rows)
@@ -248,12 +250,20 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 class _Trainer:
-    """AdamW on next-token cross-entropy over response tokens, with warm-up and linear decay."""
+    """AdamW on next-token cross-entropy over response tokens (prompts in ``chat_format``), with warm-up
+    and linear decay."""
 
     def __init__(
-        self, model, tokenizer, settings: BuildSettings, schedule_steps: int, stream: Iterator[Problem]
+        self,
+        model,
+        tokenizer,
+        settings: BuildSettings,
+        schedule_steps: int,
+        stream: Iterator[Problem],
+        chat_format: ChatFormat = CHATML,
     ):
         self.model, self.tokenizer, self.settings, self.stream = model, tokenizer, settings, stream
+        self.chat_format = chat_format
         self.schedule_steps = schedule_steps
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01
@@ -266,7 +276,7 @@ class _Trainer:
                 self.step, self.settings.warmup_steps, self.schedule_steps
             )
         batch = [next(self.stream) for _ in range(self.settings.batch_size)]
-        input_ids, labels = _encode(self.tokenizer, batch)
+        input_ids, labels = _encode(self.tokenizer, batch, self.chat_format)
         self.model.train()
         logits = self.model(input_ids=input_ids).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(
@@ -299,7 +309,8 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _pinned_threads(n: int):
+def pinned_threads(n: int):
+    """Pin torch's thread count to ``n`` (builds pin 1: bitwise-reproducible weights), restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -308,16 +319,28 @@ def _pinned_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _train_teacher(tokenizer, settings, stream, val, quiet) -> tuple[object, list[dict]]:
+def train_teacher(
+    tokenizer,
+    settings: BuildSettings,
+    excluded: set[str],
+    val: Sequence[Problem],
+    quiet: bool,
+    chat_format: ChatFormat = CHATML,
+    name: str = "teacher",
+) -> tuple[object, list[dict]]:
+    """Train the teacher of ``settings`` on problems rendered in ``chat_format`` (none whose prompt is in
+    ``excluded``); return (model, history of the progress-only accuracy on ``val``). The same settings give
+    the same initial weights and problem stream, whatever the format."""
     model = _make_model(settings.teacher, tokenizer, _seed(settings, "teacher-init"))
-    trainer = _Trainer(model, tokenizer, settings, settings.teacher_steps, stream)
-    progress, history, losses = _Progress("teacher", settings.teacher_steps, quiet), [], []
+    stream = _training_stream(_seed(settings, "teacher-data"), excluded)
+    trainer = _Trainer(model, tokenizer, settings, settings.teacher_steps, stream, chat_format)
+    progress, history, losses = _Progress(name, settings.teacher_steps, quiet), [], []
     for step in range(1, settings.teacher_steps + 1):
         losses.append(trainer.train_step())
         if step % 50 == 0 or step == settings.teacher_steps:
             progress(step, f"loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")
         if settings.teacher_eval_every and step % settings.teacher_eval_every == 0:
-            acc = greedy_accuracy(model, tokenizer, val[:128])["accuracy"]
+            acc = greedy_accuracy(model, tokenizer, val[:128], chat_format=chat_format)["accuracy"]
             history.append({"step": step, "val_accuracy": acc})
             progress(step, f"val accuracy {acc:.3f} (128 problems)")
     return model, history
@@ -341,8 +364,9 @@ def _train_student(tokenizer, settings, stream, val, quiet) -> tuple[object, lis
 # ---- output folder and cache ----
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuse folders we might clobber or cannot write, with a message naming the folder."""
+def check_out_dir(out_dir: Path, force: bool, kind: str = MANIFEST_KIND) -> None:
+    """Refuse folders we might clobber or cannot write, with a message naming the folder; a folder with a
+    manifest of ``kind`` may be replaced."""
     if out_dir.exists() and not out_dir.is_dir():
         raise TinyBuildError(f"--out {out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
@@ -352,11 +376,11 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
         )
     if (out_dir / MANIFEST_NAME).is_file():
         try:
-            kind = json.loads((out_dir / MANIFEST_NAME).read_text()).get("kind")
+            found = json.loads((out_dir / MANIFEST_NAME).read_text()).get("kind")
         except (OSError, ValueError):
-            kind = None
-        if kind != MANIFEST_KIND:
-            raise TinyBuildError(f"--out {out_dir} holds a {MANIFEST_NAME} that is not a tiny-pair manifest")
+            found = None
+        if found != kind:
+            raise TinyBuildError(f"--out {out_dir} holds a {MANIFEST_NAME} that is not a {kind} manifest")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir.parent, prefix=".write-test-"):
@@ -402,7 +426,7 @@ def load_cached(out_dir: Path, settings: BuildSettings) -> TinyPair | None:
     return pair if all(p.is_file() for p in needed) else None
 
 
-def _param_count(model) -> int:
+def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
@@ -429,11 +453,11 @@ def build_tiny_pair(
         if not quiet:
             print(f"tiny pair: cache hit at {out_dir}", flush=True)
         return cached
-    _check_out_dir(out_dir, force)
+    check_out_dir(out_dir, force)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
     try:
         manifest = _build_into(staging, settings, quiet)
-        _publish(staging, out_dir)
+        publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -456,11 +480,9 @@ def _build_into(staging: Path, settings: BuildSettings, quiet: bool) -> dict:
     started = time.perf_counter()
     evaluation, val = heldout_problems(settings)
     excluded = {p.prompt for p in evaluation} | {p.prompt for p in val}
-    with _pinned_threads(1):
+    with pinned_threads(1):
         tokenizer = train_tokenizer(_tokenizer_corpus(settings))
-        teacher = _train_teacher(
-            tokenizer, settings, _training_stream(_seed(settings, "teacher-data"), excluded), val, quiet
-        )
+        teacher = train_teacher(tokenizer, settings, excluded, val, quiet)
         student = _train_student(
             tokenizer, settings, _training_stream(_seed(settings, "student-data"), excluded), val, quiet
         )
@@ -503,13 +525,13 @@ def _manifest(
         "torch_version": torch.__version__,
         "vocab_size": vocab_size,
         "teacher": {
-            "params": _param_count(teacher),
+            "params": param_count(teacher),
             "steps": settings.teacher_steps,
             "eval": evals["teacher"],
             "history": teacher_history,
         },
         "student": {
-            "params": _param_count(student),
+            "params": param_count(student),
             "stopped_at_step": settings.student_steps,
             "eval": evals["student"],
             "history": student_history,
@@ -523,7 +545,7 @@ def _manifest(
     return json.loads(json.dumps(manifest))
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
+def publish(staging: Path, out_dir: Path) -> None:
     """Replace ``out_dir`` with the finished ``staging`` folder, readable by everyone the umask allows."""
     umask = os.umask(0)
     os.umask(umask)
@@ -546,32 +568,46 @@ def summary(pair: TinyPair) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+# The BuildSettings fields the command line can shorten (tests, smoke runs).
+SHORTENING_OPTIONS = ("teacher_steps", "student_steps", "eval_problems", "train_rows", "val_rows")
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The arguments of ``ta-opd build-tiny`` (`ta_opd_verl.tiny.command` adds ``--teacher-own-format``)."""
     parser = argparse.ArgumentParser(prog="ta-opd build-tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help=f"output folder (default: ${ENV_DIR} or <repo>/.cache/tiny-pair)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     group = parser.add_argument_group("shortening (tests, smoke runs)")
-    group.add_argument("--teacher-steps", type=int)
-    group.add_argument("--student-steps", type=int)
-    group.add_argument("--eval-problems", type=int)
-    group.add_argument("--train-rows", type=int)
-    group.add_argument("--val-rows", type=int)
-    args = parser.parse_args(argv)
-    overrides = {
-        name: getattr(args, name)
-        for name in ("teacher_steps", "student_steps", "eval_problems", "train_rows", "val_rows")
-        if getattr(args, name) is not None
-    }
+    for name in SHORTENING_OPTIONS:
+        group.add_argument(f"--{name.replace('_', '-')}", type=int)
+    return parser
+
+
+def settings_overrides(args: argparse.Namespace) -> dict:
+    """The `BuildSettings` fields ``args`` sets (`build_tiny_pair`'s ``overrides``)."""
+    return {name: getattr(args, name) for name in SHORTENING_OPTIONS if getattr(args, name) is not None}
+
+
+def run(args: argparse.Namespace, builder: Callable = build_tiny_pair) -> int:
+    """Build or reuse what ``builder`` builds (the pair; `ta_opd_verl.tiny.own_format` passes its teacher's
+    builder, same arguments) for parsed `argument_parser` arguments; the exit status. ``--quiet`` prints
+    only the built folder."""
     try:
-        pair = build_tiny_pair(args.out, force=args.force, seed=args.seed, quiet=args.quiet, **overrides)
+        built = builder(
+            args.out, force=args.force, seed=args.seed, quiet=args.quiet, **settings_overrides(args)
+        )
     except TinyBuildError as error:
         print(f"ta-opd build-tiny: error: {error}", file=sys.stderr)
         return 2
     if args.quiet:
-        print(pair.root)
+        print(built.root)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(argument_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ format) goes through a module of this package, one per verl subsystem:
   contract, non-tensor flags, padding, Ulysses slicing, the distillation-loss registry, verl's k1 and
   policy losses, the FSDP2 wrapping of a forward-only model).
 - `verl_fence.rollout`: the vLLM teacher server (the replica registry, the prompt-log-prob extraction).
+- `verl_fence.agent_loop`: the agent loop's teacher request (what a teacher server is sent per sample).
 
 Written against verl 0.9.1: importing this package checks the installed version and refuses any other,
 naming what to pin. `FINGERPRINTS` holds a hash of the source of every verl function whose code we copy
@@ -54,6 +55,7 @@ FINGERPRINTS: dict[str, str] = {}
 # plugin import TA-OPD's trainer, which must not find the fence module half-imported.
 FINGERPRINTED_MODULES = (
     "ta_opd_verl.trainer",
+    "ta_opd_verl.verl_fence.agent_loop",
     "ta_opd_verl.verl_fence.config",
     "ta_opd_verl.verl_fence.rollout",
     "ta_opd_verl.verl_fence.transfer_queue",

@@ -22,6 +22,7 @@ from ta_opd_verl.verl_fence import FINGERPRINTS
 __all__ = [
     "not_padding_rows",
     "read_fields",
+    "read_per_sample",
     "response_from_nested",
     "response_to_nested",
     "rollout_ids",
@@ -40,6 +41,13 @@ FINGERPRINTS.update(
 
 def read_fields(batch, fields: list[str]) -> TensorDict:
     return tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+
+
+def read_per_sample(batch, field: str) -> list:
+    """A per-sample field of ``batch`` as one Python object per row (a dataset column such as verl's
+    ``raw_prompt`` chat messages, or ``extra_fields``), in the batch's row order."""
+    value = read_fields(batch, [field])[field]
+    return value.tolist() if hasattr(value, "tolist") else list(value)
 
 
 def write_fields(batch, fields: TensorDict | dict):

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from dump_checks import assert_the_update_trained_on_the_dumped_selection
+from dump_checks import (
+    assert_the_update_trained_on_the_dumped_selection,
+    teacher_prompts_by_student_prompt,
+    teacher_sampled_logprobs,
+    with_teacher_prompt_column,
+)
 
 from ta_opd_verl.batch_selection import load_selection_dump, selection_from_records
 from ta_opd_verl.cli.train import run_verl, tiny_pair_overrides
@@ -115,8 +120,13 @@ def test_verls_supervised_top_k_opd_runs_on_cpu(pair, tmp_path):
 TA_OPD_STEPS, TA_OPD_RATIO = 3, 0.05
 
 
-def _ta_opd_overrides(out_dir) -> list[str]:
+def _ta_opd_overrides(out_dir, pair) -> list[str]:
+    """The shared run's settings; its teacher scores each response after the sample's own teacher prompt
+    (``teacher_prompt=column``: the conversation after a system message only the teacher reads)."""
+    train = with_teacher_prompt_column(pair.train_parquet, out_dir / "train_with_teacher_prompt.parquet")
     return [
+        f"data.train_files={train}",
+        "distillation.distillation_loss.ta_opd.teacher_prompt=column",
         f"distillation.distillation_loss.ta_opd.ratio={TA_OPD_RATIO}",
         "distillation.distillation_loss.ta_opd.min_keep_per_sample=0",
         "distillation.distillation_loss.ta_opd.loss=pg_k1",
@@ -140,16 +150,27 @@ def ta_opd_run(pair, tmp_path_factory):
     """One uninterrupted TA-OPD run of 3 steps, checkpointed at steps 2 and 3 (the last step is always
     saved), shared by the two tests below: one verl start-up fewer."""
     out_dir = tmp_path_factory.mktemp("uninterrupted")
-    overrides = [*_ta_opd_overrides(out_dir), *REPRODUCIBLE_ROLLOUTS, "trainer.save_freq=2"]
+    overrides = [*_ta_opd_overrides(out_dir, pair), *REPRODUCIBLE_ROLLOUTS, "trainer.save_freq=2"]
     return out_dir, _train("ta_opd_cpu", pair, TA_OPD_STEPS, overrides, out_dir)
 
 
-def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(ta_opd_run):
+def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(pair, ta_opd_run):
     # (The rollout-vs-actor Pearson check of the first test does not apply here: at top-k = 1 vLLM
     # reports the truncated distribution's log-probs.)
+    from transformers import AutoModelForCausalLM
+
     out_dir, data = ta_opd_run
     prefix = "actor/ta_opd/"
+    teacher = AutoModelForCausalLM.from_pretrained(pair.teacher, dtype=torch.float32).eval()
+    teacher_prompts = teacher_prompts_by_student_prompt(
+        out_dir / "train_with_teacher_prompt.parquet", pair.student, pair.teacher
+    )
     for step, metrics in data.items():
+        # The teacher read its own prompts, longer by the system message.
+        assert (
+            metrics[prefix + "teacher_prompt_length_mean"]
+            > metrics[prefix + "student_prompt_length_mean"] + 5
+        )
         n_valid = metrics[prefix + "valid_positions"]
         assert metrics[prefix + "kept_positions"] == math.ceil(TA_OPD_RATIO * n_valid), step
         assert math.isfinite(metrics["actor/distillation/loss"]), step
@@ -174,6 +195,21 @@ def test_ta_opd_selects_five_percent_of_the_batch_and_trains_through_verl(ta_opd
         # outside the teacher's top-K): a log-probability, and not a placeholder.
         sampled = torch.tensor([value for r in records for value in r["teacher_sampled_logprob"]])
         assert torch.isfinite(sampled).all() and (sampled <= 0).all() and (sampled < -1e-3).any(), step
+        # ... and it is the teacher's after the sample's own teacher prompt: verl's agent loop sent the
+        # server that prompt and the student's response, and the rows came back at the response positions.
+        # The server runs the teacher in bfloat16 (the rollout's dtype), the forward here in float32
+        # (measured: median |difference| 3e-3 to 6e-3, largest 0.37; the bfloat16 study of
+        # tests/e2e/test_fsdp_teacher_vs_vllm.py: largest 0.45). After the student's prompt some tokens
+        # score nats away (measured: largest 7 to 10): what an unsent or misaligned prompt would give.
+        own, students = [], []
+        for record in records:
+            got = torch.tensor(record["teacher_sampled_logprob"])
+            own_prompt = teacher_prompts[tuple(record["prompt_ids"])]
+            own.append(got - teacher_sampled_logprobs(teacher, record, own_prompt))
+            students.append(got - teacher_sampled_logprobs(teacher, record))
+        own, students = torch.cat(own).abs(), torch.cat(students).abs()
+        assert own.median() <= 3e-2 and own.max() <= 1.0, (step, own.median(), own.max())
+        assert students.max() > 3.0, (step, students.max())
 
 
 def test_a_run_resumed_after_step_2_trains_step_3_like_the_uninterrupted_run(pair, ta_opd_run, tmp_path):
@@ -184,7 +220,7 @@ def test_a_run_resumed_after_step_2_trains_step_3_like_the_uninterrupted_run(pai
     checkpoints = resumed_dir / "checkpoints"
     shutil.copytree(full_dir / "checkpoints" / "global_step_2", checkpoints / "global_step_2")
     (checkpoints / "latest_checkpointed_iteration.txt").write_text("2")
-    overrides = [*_ta_opd_overrides(resumed_dir), *REPRODUCIBLE_ROLLOUTS, "trainer.save_freq=2"]
+    overrides = [*_ta_opd_overrides(resumed_dir, pair), *REPRODUCIBLE_ROLLOUTS, "trainer.save_freq=2"]
     resumed = _train("ta_opd_cpu", pair, TA_OPD_STEPS, overrides, resumed_dir, first_step=3)
     assert resumed[3]["actor/ta_opd/kept_positions"] == math.ceil(
         TA_OPD_RATIO * resumed[3]["actor/ta_opd/valid_positions"]

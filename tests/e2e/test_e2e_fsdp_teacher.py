@@ -13,7 +13,12 @@ import math
 
 import pytest
 import torch
-from dump_checks import assert_the_update_trained_on_the_dumped_selection, teacher_sampled_logprobs
+from dump_checks import (
+    assert_the_update_trained_on_the_dumped_selection,
+    teacher_prompts_by_student_prompt,
+    teacher_sampled_logprobs,
+    with_teacher_prompt_column,
+)
 from transformers import AutoModelForCausalLM
 
 from ta_opd_verl.batch_selection import load_selection_dump, selection_from_records
@@ -31,14 +36,23 @@ def pair():
     return build_tiny_pair()
 
 
-# reverse_kl_topk reads the rows the scoring stored; reverse_kl_full runs the teacher again in the update.
-@pytest.mark.parametrize("loss", ["reverse_kl_topk", "reverse_kl_full"])
-def test_ta_opd_with_the_colocated_fsdp_teacher_trains_on_one_logical_gpu(pair, tmp_path, loss):
+# reverse_kl_topk reads the rows the scoring stored; reverse_kl_full runs the teacher again in the update,
+# here after each sample's own teacher prompt (``teacher_prompt=column``), which the driver renders and
+# the workers put before the student's response (right-padded: verl's only layout on CPU).
+@pytest.mark.parametrize(
+    "loss, teacher_prompt", [("reverse_kl_topk", "student"), ("reverse_kl_full", "column")]
+)
+def test_ta_opd_with_the_colocated_fsdp_teacher_trains_on_one_logical_gpu(
+    pair, tmp_path, loss, teacher_prompt
+):
     dump = tmp_path / "selection"
+    train = with_teacher_prompt_column(pair.train_parquet, tmp_path / "train_with_teacher_prompt.parquet")
     result = run_verl(
         "ta_opd_cpu",
         [
             *tiny_pair_overrides(pair),
+            f"data.train_files={train}",
+            f"distillation.distillation_loss.ta_opd.teacher_prompt={teacher_prompt}",
             f"distillation.distillation_loss.ta_opd.loss={loss}",
             "distillation.distillation_loss.ta_opd.teacher=fsdp",
             f"distillation.distillation_loss.ta_opd.teacher_path={pair.teacher}",
@@ -62,6 +76,7 @@ def test_ta_opd_with_the_colocated_fsdp_teacher_trains_on_one_logical_gpu(pair, 
     assert sorted(data) == list(range(1, STEPS + 1))
     prefix = "actor/ta_opd/"
     teacher = AutoModelForCausalLM.from_pretrained(pair.teacher, dtype=torch.float32).eval()
+    teacher_prompts = teacher_prompts_by_student_prompt(train, pair.student, pair.teacher)
     for step, metrics in data.items():
         # The run says which teacher and which C it used.
         assert metrics[prefix + "teacher_is_fsdp"] == 1.0, step
@@ -80,11 +95,18 @@ def test_ta_opd_with_the_colocated_fsdp_teacher_trains_on_one_logical_gpu(pair, 
         )
         assert_the_update_trained_on_the_dumped_selection(dump, step, records)
         # The rows the colocated teacher stored are its own: the sampled token's log-prob equals a plain
-        # forward of the teacher here, at every response position.
+        # forward of the teacher here (after the sample's teacher prompt with teacher_prompt=column), at
+        # every response position.
+        if teacher_prompt == "column":
+            assert (
+                metrics[prefix + "teacher_prompt_length_mean"]
+                > metrics[prefix + "student_prompt_length_mean"]
+            )
         for record in records:
+            own_prompt = teacher_prompts[tuple(record["prompt_ids"])] if teacher_prompt == "column" else None
             torch.testing.assert_close(
                 torch.tensor(record["teacher_sampled_logprob"]),
-                teacher_sampled_logprobs(teacher, record),
+                teacher_sampled_logprobs(teacher, record, own_prompt),
                 rtol=1e-4,
                 atol=1e-4,
             )

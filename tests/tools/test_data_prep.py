@@ -1,5 +1,6 @@
 """`ta-opd prepare-data` on small local copies of DAPO-Math-17k and GSM8K (tests/fixtures/, the published
-columns), and the prepared rows scored by verl's own reward loop (its `naive` reward manager)."""
+columns), and the prepared rows scored by verl's own reward loop (its `naive` reward manager); the
+teacher-side prompt column on generated sources (`--generate`'s)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from ta_opd_verl.cli.main import main as ta_opd
+from ta_opd_verl.config import TAOPDConfig
 from ta_opd_verl.data import prepare as data_prep
+from ta_opd_verl.data.generate import write_source
+from ta_opd_verl.teacher_prompts import chat_messages
 from ta_opd_verl.tiny.parquet import COLUMNS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -175,3 +180,121 @@ def test_an_output_folder_that_cannot_be_made_is_named_before_any_work(tmp_path,
         ta_opd(["prepare-data", "gsm8k", "--source", str(FIXTURES / "gsm8k"), "--out", str(blocked / "out")])
     assert exit_info.value.code == 2
     assert f"--out {blocked / 'out'}: cannot create the output folder" in capsys.readouterr().err
+
+
+TEACHER_SYSTEM_PROMPT = "You are a patient math teacher."
+REFERENCE_SOLUTION = ["--teacher-prompt", "reference-solution"]
+
+
+@pytest.fixture(scope="module")
+def generated_sources(tmp_path_factory) -> dict[str, Path]:
+    """Offline generated sources (`--generate`'s), one per dataset, written once for the module."""
+    folder = tmp_path_factory.mktemp("generated")
+    return {name: write_source(name, folder / name, 12, seed=0) for name in ("gsm8k", "dapo-math")}
+
+
+def _own_solutions(dataset: str, source: Path) -> dict[str, str]:
+    """Each source record's reference solution by the ``source_id`` its prepared row carries, read from the
+    source files (GSM8K: the worked solution of record ``<split>-<number>``; DAPO: its ground truth)."""
+    if dataset == "gsm8k":
+        return {
+            f"{split}-{number}": record["answer"]
+            for split in ("train", "test")
+            for number, record in enumerate(_jsonl(source / f"{split}.jsonl"))
+        }
+    return {
+        record["extra_info"]["index"]: f"Answer: {record['reward_model']['ground_truth']}"
+        for record in _jsonl(source / "train.jsonl")
+    }
+
+
+def _teacher_rows(path: Path, column: str) -> list[tuple[dict, list[dict]]]:
+    """(row, its teacher messages as `chat_messages` accepts them) for each row of ``path``."""
+    frame = pd.read_parquet(path)
+    assert list(frame.columns) == [*COLUMNS, column]
+    return [(row, chat_messages(row[column], column)) for row in frame.to_dict("records")]
+
+
+@pytest.mark.parametrize("dataset", ["gsm8k", "dapo-math"])
+def test_teacher_prompt_column_carries_each_rows_own_reference_solution(dataset, generated_sources, tmp_path):
+    source = generated_sources[dataset]
+    teacher_prompt = data_prep.TeacherPromptColumn(
+        system_prompt=TEACHER_SYSTEM_PROMPT, reference_solution=True
+    )
+    plain = data_prep.prepare(dataset, tmp_path / "plain", source=source, val_size=3, log=print)
+    written = data_prep.prepare(
+        dataset, tmp_path / "teacher", source=source, val_size=3, teacher_prompt=teacher_prompt, log=print
+    )
+    assert written.keys() == plain.keys() and len(written) == 2  # gsm8k: train, test; dapo-math: train, val
+    solutions = _own_solutions(dataset, source)
+    seen = []
+    for split, path in written.items():
+        # The student's side of every row, its prompt included, is what the plain run writes.
+        assert pq.read_table(path).select(list(COLUMNS)).equals(pq.read_table(plain[split]))
+        for row, messages in _teacher_rows(path, data_prep.DEFAULT_TEACHER_PROMPT_COLUMN):
+            (student,) = row["prompt"]
+            solution = solutions[row["extra_info"]["source_id"]]
+            assert messages == [
+                {"role": "system", "content": TEACHER_SYSTEM_PROMPT},
+                {
+                    "role": "user",
+                    "content": student["content"]
+                    + f"\n\nA reference solution follows; use it to check your reasoning, but do not mention "
+                    f"it.\n<reference_solution>\n{solution}\n</reference_solution>",
+                },
+            ]
+            seen.append(solution)
+    # Distinct solutions, so a row holding another row's solution would fail above.
+    assert len(set(seen)) > len(seen) // 2
+
+
+def test_system_prompt_alone_under_a_chosen_column_passes_the_preflight_reading(generated_sources, tmp_path):
+    teacher_prompt = data_prep.TeacherPromptColumn(column="privileged", system_prompt=TEACHER_SYSTEM_PROMPT)
+    written = data_prep.prepare(
+        "gsm8k", tmp_path, source=generated_sources["gsm8k"], teacher_prompt=teacher_prompt, log=print
+    )
+    for path in written.values():
+        # The pre-flight check (`check_teacher_prompts`) reads the column as pyarrow lists of dictionaries.
+        table = pq.read_table(path)
+        assert table.column_names == [*COLUMNS, "privileged"]
+        for value, student in zip(
+            table.column("privileged").to_pylist(), table.column("prompt").to_pylist(), strict=True
+        ):
+            assert chat_messages(value, "privileged") == [
+                {"role": "system", "content": TEACHER_SYSTEM_PROMPT},
+                *student,
+            ]
+
+
+def test_default_column_is_the_config_default():
+    assert data_prep.DEFAULT_TEACHER_PROMPT_COLUMN == TAOPDConfig.teacher_prompt_column
+
+
+def test_cli_writes_the_reference_solution_without_a_system_prompt(tmp_path):
+    argv = ["prepare-data", "dapo-math", "--generate", "4", "--val-size", "1", "--out", str(tmp_path)]
+    assert ta_opd([*argv, *REFERENCE_SOLUTION, "--teacher-prompt-column", "hinted"]) == 0
+    for split in ("train", "val"):
+        for row, messages in _teacher_rows(tmp_path / f"{split}.parquet", "hinted"):
+            (user,) = messages
+            block = (
+                f"<reference_solution>\nAnswer: {row['reward_model']['ground_truth']}\n</reference_solution>"
+            )
+            assert user["role"] == "user" and user["content"].startswith(row["prompt"][0]["content"])
+            assert user["content"].endswith(block)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--teacher-prompt-column", "teacher_prompt"], "give --teacher-prompt reference-solution and/or"),
+        (["--teacher-system-prompt", " "], "--teacher-system-prompt: an empty text"),
+        ([*REFERENCE_SOLUTION, "--teacher-prompt-column", "prompt"], "a new column name"),
+        ([*REFERENCE_SOLUTION, "--teacher-prompt-column", ""], "a new column name"),
+        (["--teacher-prompt", "hint"], "choose from 'reference-solution'"),
+    ],
+)
+def test_bad_teacher_prompt_options_are_refused_before_any_work(options, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ta_opd(["prepare-data", "gsm8k", "--generate", "4", "--out", str(tmp_path / "out"), *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -129,6 +129,11 @@ def test_recipe_names_its_pair_and_trailing_overrides_win():
     assert config.trainer.total_training_steps == 7
     # The recipe accepts a ratio as Hydra reads numbers: 5e-2 arrives as 0.05, not as a string.
     assert config.distillation.distillation_loss.ta_opd.ratio == 0.05
+    # The R1 teacher reads its own chat template (and the special-token map, auto by default).
+    assert config.distillation.distillation_loss.ta_opd.teacher_prompt == "teacher_template"
+    assert config.distillation.distillation_loss.ta_opd.special_token_map == "auto"
+    student_prompt = compose_arguments(print_arguments(recipe, TEACHER_PROMPT="student"))
+    assert student_prompt.distillation.distillation_loss.ta_opd.teacher_prompt == "student"
 
 
 @pytest.mark.parametrize(

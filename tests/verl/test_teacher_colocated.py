@@ -21,6 +21,7 @@ from ta_opd_verl.protocol import (
     TEACHER_ID_FIELD,
     TEACHER_LOGPROB_FIELD,
     TEACHER_ORPHAN_MASS_FIELD,
+    TEACHER_PROMPT_IDS_FIELD,
     split_teacher_entries,
     stack_teacher_rows,
     teacher_entry_fields,
@@ -236,6 +237,81 @@ def test_with_a_special_token_map_the_teacher_reads_mapped_ids_and_scores_in_the
     # The map changed what the teacher read: without it the rows differ.
     unmapped = _loss_fn(pair.teacher, "exact")(student_logits=student_logits, data=data)
     assert not torch.equal(unmapped[SAMPLED_LOGPROB_FIELD], outputs[SAMPLED_LOGPROB_FIELD])
+
+
+# Per sequence of LENGTHS: the student's prompt length, and the teacher's own prompt (longer, shorter, equal,
+# one token) that the driver would have rendered for it.
+STUDENT_PROMPTS = (3, 8, 2, 4)
+TEACHER_PROMPTS = (6, 2, 2, 1)
+
+
+@pytest.mark.parametrize(
+    "use_remove_padding, with_map",
+    [(True, False), (False, False), (True, True)],
+    ids=["packed", "padded", "map"],
+)
+def test_with_teacher_prompts_the_teacher_reads_its_prompt_then_the_students_response(
+    pair, teacher_model, use_remove_padding, with_map
+):
+    """Each sequence's teacher prompt (`TEACHER_PROMPT_IDS_FIELD`) replaces the student's prompt for the
+    teacher: at every position that predicts a response token the rows and exact C equal the teacher run
+    here on that prompt followed by the response (read through the map, the teacher prompt left as it is:
+    it is in the teacher's ids already)."""
+    vocab = teacher_model.config.vocab_size
+    special = _SpecialTokens(vocab)
+    data, sequences = _micro_batch(vocab, use_remove_padding, seed=11)
+    generator = torch.Generator().manual_seed(12)
+    teacher_prompts = [torch.randint(3, vocab, (n,), generator=generator) for n in TEACHER_PROMPTS]
+    teacher_prompts[0][1] = vocab - 1  # a special id of the teacher's own: never mapped
+    sequences[1][-1] = vocab - 1  # the student's end of turn in a response: mapped
+    data["input_ids"] = nested(sequences)
+    responses = [n - p for n, p in zip(LENGTHS, STUDENT_PROMPTS, strict=True)]
+    data["response_mask"] = nested([torch.ones(n, dtype=torch.int64) for n in responses])
+    data[TEACHER_PROMPT_IDS_FIELD] = nested(teacher_prompts)
+    student_logits = torch.randn(1, sum(LENGTHS), vocab, generator=torch.Generator().manual_seed(13)) * 3
+    loss_fn = _loss_fn(pair.teacher, "exact")
+    if with_map:
+        loss_fn.teacher.use_special_token_maps({str(pair.teacher): special.map})
+    outputs = loss_fn(student_logits=student_logits, data=data)
+    assert all(value.shape == (1, sum(LENGTHS)) for value in outputs.values())
+
+    start, checked = 0, 0
+    for sequence, prompt_length, teacher_prompt in zip(
+        sequences, STUDENT_PROMPTS, teacher_prompts, strict=True
+    ):
+        response = sequence[prompt_length:]
+        read = torch.cat([teacher_prompt, special.read(response) if with_map else response])
+        with torch.no_grad():
+            teacher_space = torch.log_softmax(teacher_model(read.unsqueeze(0)).logits[0].double(), -1)
+        log_probs = special.columns(teacher_space)[0] if with_map else teacher_space
+        for j, token in enumerate(response.tolist()):
+            row, teacher_row = start + prompt_length - 1 + j, len(teacher_prompt) - 1 + j
+            expected = log_probs[teacher_row]
+            top = torch.topk(expected, TOPK)
+            ids = torch.stack([outputs[TEACHER_ID_FIELD.format(i)][0, row] for i in range(TOPK)])
+            logprobs = torch.stack([outputs[TEACHER_LOGPROB_FIELD.format(i)][0, row] for i in range(TOPK)])
+            assert torch.equal(ids, top.indices), (row, j)
+            torch.testing.assert_close(logprobs.double(), top.values, rtol=1e-5, atol=1e-5)
+            assert int(outputs[SAMPLED_ID_FIELD][0, row]) == token
+            # The sampled token's log-prob is the teacher's at the id it read.
+            at_read = teacher_space[teacher_row, read[teacher_row + 1]]
+            torch.testing.assert_close(
+                outputs[SAMPLED_LOGPROB_FIELD][0, row].double(), at_read, rtol=0, atol=2e-5
+            )
+            student_top = torch.topk(student_logits[0, row], K).indices
+            torch.testing.assert_close(
+                outputs[COMPATIBILITY_FIELD][0, row].double(),
+                expected[student_top].exp().sum(),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+            checked += 1
+        start += len(sequence)
+    assert checked == sum(responses)
+    # The teacher prompts changed what the teacher read: the student's own prompts give other rows.
+    del data[TEACHER_PROMPT_IDS_FIELD]
+    own_prompts = _loss_fn(pair.teacher, "exact")(student_logits=student_logits, data=data)
+    assert not torch.equal(own_prompts[SAMPLED_LOGPROB_FIELD], outputs[SAMPLED_LOGPROB_FIELD])
 
 
 def test_stored_teacher_rows_have_the_teacher_servers_layout(pair, teacher_model):
