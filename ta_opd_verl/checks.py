@@ -161,9 +161,10 @@ def check_model_paths(config: DictConfig) -> list[str]:
     notes = []
     pairs = checked_pairs(config)
     check_teacher_prompts(config, pairs)
+    teacher_prompt = _select(config, TEACHER_PROMPT_KEY, "student")
     for key, (_, pair) in pairs.items():
         if pair.token_map is not None:
-            notes += [f"{key}: {line}" for line in pair.summary()]
+            notes += [f"{key}: {line}" for line in pair.summary(teacher_prompt)]
     return notes
 
 

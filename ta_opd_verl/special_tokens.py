@@ -248,8 +248,7 @@ def check_special_token_map(
         raise SpecialTokenMismatchError("; ".join(_refusal(student, teacher, i) for i in uncovered))
     return [
         f"the student's prompt token {student.added[i]!r} (id {i}) is {_token(teacher, i)} to the teacher, "
-        "which scores the student's prompt as is unless distillation.distillation_loss.ta_opd.teacher_prompt="
-        "teacher_template renders the prompt in the teacher's own chat template"
+        "which scores the student's prompt as is"
         for i in sorted(student.prompt_ids & differing)
     ]
 

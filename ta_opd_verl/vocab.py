@@ -43,8 +43,17 @@ from ta_opd_verl.special_tokens import (
 
 APPLIED = (
     "applied by both teachers: they read the student's sequence through the map and score in the student's "
-    "ids; the prompt is still the student's own, rendered by its chat template"
+    "ids"
 )
+# What the teacher's prompt is, by ``ta_opd.teacher_prompt``.
+PROMPT_READ = {
+    "student": "the prompt is the student's own, rendered by its chat template (ta_opd.teacher_prompt="
+    "teacher_template renders it in the teacher's)",
+    "teacher_template": "the prompt is the conversation in the teacher's own chat template "
+    "(ta_opd.teacher_prompt=teacher_template)",
+    "column": "the prompt is each sample's teacher prompt column in the teacher's own chat template "
+    "(ta_opd.teacher_prompt=column)",
+}
 # The input embedding's parameter name in Hugging Face causal-LM checkpoints (Qwen2/3, Llama, ...).
 EMBEDDING_SUFFIX = "embed_tokens.weight"
 
@@ -191,17 +200,19 @@ class PairCheck:
     teacher: TokenizerSpecials | None = None
     notes: tuple[str, ...] = ()
 
-    def summary(self) -> list[str]:
-        """What a user is told: that no map is needed, or the map the teachers apply, then the notes."""
+    def summary(self, teacher_prompt: str = "student") -> list[str]:
+        """What a user is told: that no map is needed, or the map the teachers apply, then the notes (on the
+        student's prompt tokens only while the teacher reads that prompt: ``teacher_prompt=student``)."""
         if self.token_map is None:
             return ["the tokenizers agree on every id in common: no special-token map needed"]
         if self.token_map.entries:
             lines = ["special-token map (student -> teacher):"]
             lines += [f"  {line}" for line in describe_map(self.student, self.teacher, self.token_map)]
-            lines.append(f"  {APPLIED}")
+            lines.append(f"  {APPLIED}; {PROMPT_READ[teacher_prompt]}")
         else:
             lines = ["special-token map: empty (no token the student emits in a response differs)"]
-        return lines + [f"note: {note}" for note in self.notes]
+        notes = self.notes if teacher_prompt == "student" else ()
+        return lines + [f"note: {note}" for note in notes]
 
 
 def check_pair(

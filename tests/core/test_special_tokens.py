@@ -83,8 +83,12 @@ def test_auto_map_of_the_paper_pair(real_tokenizer_folders):
     assert token_map.unmapped_student_ids == {IM_START, 151646, 151647, 151648, 151649}
     summary = "\n".join(pair.summary())
     assert "'<|im_end|>' (151645) -> '<｜end▁of▁sentence｜>' (151643) [end_of_turn]" in summary
-    assert APPLIED in summary
+    assert APPLIED in summary and "the prompt is the student's own" in summary
     assert "prompt token '<|im_start|>' (id 151644) is '<｜User｜>' to the teacher" in summary
+    # The teacher reading its own template reads no student prompt token: no note on them.
+    own_template = "\n".join(pair.summary("teacher_template"))
+    assert "the conversation in the teacher's own chat template" in own_template
+    assert "<|im_start|>" not in own_template
 
 
 def test_without_a_map_the_paper_pair_is_refused_naming_tokens_ids_and_key(real_tokenizer_folders):

@@ -25,7 +25,7 @@ def test_paper_pair_prints_the_auto_map(real_tokenizer_folders, capsys):
         f"student {real_tokenizer_folders[QWEN25]} and teacher {real_tokenizer_folders[R1]}: accepted" in out
     )
     assert "'<|im_end|>' (151645) -> '<｜end▁of▁sentence｜>' (151643) [end_of_turn]" in out
-    assert "applied by both teachers" in out and "the prompt is still the student's own" in out
+    assert "applied by both teachers" in out and "the prompt is the student's own" in out
 
 
 def test_paper_pair_without_a_map_is_refused(real_tokenizer_folders, capsys):
