@@ -67,7 +67,7 @@ from ta_opd_verl.special_tokens import (
 )
 from ta_opd_verl.teachability import DEFAULT_PROB_FLOOR, teacher_entries, token_statistics
 from ta_opd_verl.teacher_head import LogProbBlocks, head_log_prob_blocks, rows_per_block
-from ta_opd_verl.teacher_prompts import teacher_positions
+from ta_opd_verl.teacher_prompts import chat_messages, teacher_positions
 from ta_opd_verl.teachers.base import (
     TEACHER_KEY,
     TEACHER_PATH_KEY,
@@ -155,12 +155,10 @@ class ColocatedFSDPTeacher(Teacher):
         prompts = self.teacher_prompts
         if prompts is None:
             return batch
-        samples = read_per_sample(batch, prompts.source_field)
+        field = prompts.source_field
         ids = [
-            torch.tensor(
-                prompts.prompt_ids(self.teacher_path, prompts.messages({prompts.source_field: sample}))
-            )
-            for sample in samples
+            torch.tensor(prompts.prompt_ids(self.teacher_path, chat_messages(messages, field)))
+            for messages in read_per_sample(batch, field)
         ]
         nested = torch.nested.as_nested_tensor(ids, layout=torch.jagged)
         return write_fields(batch, {TEACHER_PROMPT_IDS_FIELD: nested})
